@@ -1,0 +1,50 @@
+"""Executing one work item: range-read each slab, decode, cast, apply ops, fill the region.
+
+Order of casts follows MaxText's converter exactly: each HF tensor is cast to the save dtype
+first, then the op chain runs (ops that scale compute in float32 and round back).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ckpt_transforms import dtypes
+from ckpt_transforms.ops import apply_chain
+from ckpt_transforms.plan import Slab, SourceRange, WorkItem
+from ckpt_transforms.storage import ByteSource
+
+
+def decode(raw: bytes, src: SourceRange) -> np.ndarray:
+    """Raw little-endian bytes of a source range -> array of its safetensors dtype."""
+    dtype = dtypes.numpy_dtype(src.dtype).newbyteorder("<")
+    return np.frombuffer(raw, dtype=dtype).reshape(src.shape)
+
+
+def cast_to_save_dtype(x: np.ndarray, save_dtype: np.dtype) -> np.ndarray:
+    """What MaxText's eager getter does: f32/f16 -> bf16 rounds to nearest even; bf16 stays exact."""
+    return x if x.dtype == save_dtype else x.astype(save_dtype)
+
+
+def slab_value(slab: Slab, item: WorkItem, source: ByteSource) -> np.ndarray:
+    raw = source.read_range(slab.source.file, slab.source.offset, slab.source.length)
+    x = cast_to_save_dtype(decode(raw, slab.source), np.dtype(item.save_dtype))
+    return apply_chain(x, item.ops)
+
+
+def dest_index(dest: tuple) -> tuple:
+    return tuple(d if isinstance(d, int) else slice(*d) for d in dest)
+
+
+def build_region(item: WorkItem, source: ByteSource) -> np.ndarray:
+    """The item's whole region, one slab in flight at a time."""
+    region = np.empty(item.region_shape, dtype=np.dtype(item.save_dtype))
+    for slab in item.slabs:
+        value = slab_value(slab, item, source)
+        index = dest_index(slab.dest)
+        expected = region[index].shape
+        if value.shape != expected:
+            raise ValueError(
+                f"{item.param}: {slab.source.key} became shape {list(value.shape)} after ops, expected {list(expected)}"
+            )
+        region[index] = value
+    return region

@@ -1,0 +1,215 @@
+"""Writing MaxText's Orbax layout with TensorStore: per-item OCDBT databases, stitch, commit.
+
+Layout (what MaxText's converter writes; see FACTS.md):
+    <out>/0/items/ocdbt.process_<db>/   one OCDBT database per work-item attempt (chunk bytes)
+    <out>/0/items/manifest.ocdbt + d/   the root database: the stitch copies b-tree references
+    <out>/0/items/_METADATA             Orbax tree metadata
+    <out>/0/_CHECKPOINT_METADATA, commit_success.txt files, written last.
+Every chunk key is written by exactly one work item (chunks are aligned to item regions), and
+zarr.json files are written once, by the stitch, so databases never overlap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable
+
+import numpy as np
+import tensorstore as ts
+
+from ckpt_transforms import dtypes
+from ckpt_transforms.plan import ArrayPlan, WorkItem
+
+PROCESS_PREFIX = "ocdbt.process_"
+META_DB_ID = "stitchmeta"
+OCDBT_TARGET_DATA_FILE_SIZE = 2 * 2**30  # MaxText base.yml checkpoint_storage_target_data_file_size_bytes
+PYTREE_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
+_DB_ID = re.compile(r"^[A-Za-z0-9]+$")
+
+
+def ts_context() -> ts.Context:
+    """One Context per process: the merge is zero-copy only if children and parent share it."""
+    return ts.Context({"file_io_concurrency": {"limit": 128}, "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}})
+
+
+_CONTEXT: ts.Context | None = None
+
+
+def shared_context() -> ts.Context:
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = ts_context()
+    return _CONTEXT
+
+
+def _base_spec(directory: str) -> dict:
+    return {"driver": "file", "path": directory.rstrip("/") + "/"}
+
+
+def ocdbt_spec(directory: str) -> dict:
+    """OCDBT kvstore spec as Orbax writes it (non-atomic data files, atomic single-file manifest)."""
+    base = _base_spec(directory)
+    return {
+        "driver": "ocdbt",
+        "base": {**base, "file_io_locking": {"mode": "non_atomic"}},
+        "manifest": base,
+        "config": {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100_000_000, "manifest_kind": "single"},
+        "assume_config": True,
+        "target_data_file_size": OCDBT_TARGET_DATA_FILE_SIZE,
+        "cache_pool": "cache_pool#ocdbt",
+    }
+
+
+def db_dir(items_dir: str, db_id: str) -> str:
+    if not _DB_ID.match(db_id):
+        raise ValueError(f"OCDBT process id {db_id!r} must be alphanumeric")
+    return os.path.join(items_dir, PROCESS_PREFIX + db_id)
+
+
+def zarr3_metadata(shape: tuple[int, ...], chunk_shape: tuple[int, ...], dtype: str) -> dict:
+    """zarr3 metadata as Orbax writes it: one sharding_indexed shard per chunk, zstd level 3."""
+    return {
+        "shape": list(shape),
+        "data_type": dtypes.zarr3_name(dtype),
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk_shape)}},
+        "chunk_key_encoding": {"name": "default"},
+        "fill_value": 0,
+        "codecs": [
+            {
+                "name": "sharding_indexed",
+                "configuration": {
+                    "chunk_shape": list(chunk_shape),
+                    "codecs": [
+                        {"name": "bytes", "configuration": {"endian": "little"}},
+                        {"name": "zstd", "configuration": {"level": 3, "checksum": False}},
+                    ],
+                    "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+                    "index_location": "end",
+                },
+            }
+        ],
+    }
+
+
+def _array_spec(items_dir: str, db_id: str, name: str, metadata: dict) -> dict:
+    return {
+        "driver": "zarr3",
+        "kvstore": {**ocdbt_spec(db_dir(items_dir, db_id)), "path": name + "/"},
+        "metadata": metadata,
+        "store_data_equal_to_fill_value": True,
+    }
+
+
+def write_regions(items_dir: str, db_id: str, writes: Iterable[tuple[ArrayPlan, WorkItem, np.ndarray]]) -> None:
+    """Write item regions into this attempt's own database, committed once (one OCDBT version)."""
+    context = shared_context()
+    txn = ts.Transaction()
+    for array, item, data in writes:
+        spec = _array_spec(items_dir, db_id, array.name, zarr3_metadata(array.shape, array.chunk_shape, array.dtype))
+        store = ts.open(spec, context=context, transaction=txn, open=True, assume_metadata=True).result()
+        index = tuple(slice(a, b) for a, b in item.region)
+        store[index].write(data).result()
+    txn.commit_async().result()
+
+
+def _write_array_metadata(items_dir: str, arrays: list[ArrayPlan]) -> str:
+    """A database holding every zarr.json plus Orbax's `step` scalar; written once, by the stitch."""
+    context = shared_context()
+    txn = ts.Transaction()
+    for array in arrays:
+        spec = _array_spec(
+            items_dir, META_DB_ID, array.name, zarr3_metadata(array.shape, array.chunk_shape, array.dtype)
+        )
+        ts.open(spec, context=context, transaction=txn, create=True, open=True).result()
+    step = ts.open(
+        _array_spec(items_dir, META_DB_ID, "step", zarr3_metadata((), (), "int64")),
+        context=context,
+        transaction=txn,
+        create=True,
+        open=True,
+    ).result()
+    step.write(np.int64(0)).result()
+    txn.commit_async().result()
+    return META_DB_ID
+
+
+def merge_databases(items_dir: str, db_ids: Iterable[str]) -> None:
+    """Zero-copy merge: copy each named database's b-tree into the root database, atomically."""
+    context = shared_context()
+    parent = ts.KvStore.open(ocdbt_spec(items_dir), context=context).result()
+    children = [ts.KvStore.open(ocdbt_spec(db_dir(items_dir, d)), context=context).result() for d in db_ids]
+    txn = ts.Transaction(atomic=True)
+    for child in children:
+        child.experimental_copy_range_to(parent.with_transaction(txn)).result()
+    txn.commit_async().result()
+
+
+def tree_metadata(arrays: list[ArrayPlan]) -> dict:
+    """Orbax `_METADATA` for TrainState(step=0, params={'params': ...}, opt_state={})."""
+
+    def entry(keys: tuple[str, ...], value_type: str, skip: bool = False) -> tuple[str, dict]:
+        return repr(keys), {
+            "key_metadata": [{"key": k, "key_type": 2} for k in keys],
+            "value_metadata": {"value_type": value_type, "skip_deserialize": skip},
+        }
+
+    tree = dict([entry(("step",), "scalar")])
+    tree.update(entry(tuple(a.path), "np.ndarray") for a in arrays)
+    tree.update([entry(("opt_state",), "Dict", skip=True)])
+    return {
+        "tree_metadata": tree,
+        "use_ocdbt": True,
+        "use_zarr3": True,
+        "store_array_data_equal_to_fill_value": True,
+        "custom_metadata": None,
+    }
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def stitch(items_dir: str, db_ids: list[str], arrays: list[ArrayPlan]) -> dict:
+    """Merge exactly the named databases (plus array metadata), write `_METADATA`, drop leftovers.
+
+    Databases not named (a failed or duplicate attempt's writes) are never merged and are removed
+    afterwards, so a retry can never leak stale chunks into the checkpoint.
+    """
+    named = sorted(set(db_ids))
+    meta_db = _write_array_metadata(items_dir, arrays)
+    started = time.time()
+    merge_databases(items_dir, [meta_db] + named)
+    merge_seconds = time.time() - started
+    _write_json(os.path.join(items_dir, "_METADATA"), tree_metadata(arrays))
+    keep = {PROCESS_PREFIX + d for d in named + [meta_db]}
+    removed = []
+    for entry in os.listdir(items_dir):
+        if entry.startswith(PROCESS_PREFIX) and entry not in keep:
+            shutil.rmtree(os.path.join(items_dir, entry), ignore_errors=True)
+            removed.append(entry)
+    return {"databases": len(named), "merge_seconds": merge_seconds, "removed_leftovers": removed}
+
+
+def commit_step(step_dir: str, custom_metadata: dict) -> None:
+    """Orbax's step-level files; `commit_success.txt` files are what GCS readers wait for."""
+    now = time.time_ns()
+    _write_json(
+        os.path.join(step_dir, "_CHECKPOINT_METADATA"),
+        {
+            "item_handlers": {"items": PYTREE_HANDLER},
+            "metrics": {},
+            "init_timestamp_nsecs": now,
+            "commit_timestamp_nsecs": now,
+            "custom_metadata": custom_metadata,
+        },
+    )
+    for d in (os.path.join(step_dir, "items"), step_dir):
+        with open(os.path.join(d, "commit_success.txt"), "w", encoding="utf-8") as f:
+            f.write(f"Checkpoint commit was successful to {d}")

@@ -1,0 +1,115 @@
+"""One place for URIs and byte access: every read of source bytes goes through a `ByteSource`.
+
+Local paths are served here; remote schemes (gs://, hf://) register their own `ByteSource`
+with `register_scheme`, so planning and work items never care where bytes live.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class SourceError(ValueError):
+    """A source file is missing, unreadable or malformed (message names the file)."""
+
+
+class ByteSource(Protocol):
+    """Read-only access to the files of one model directory."""
+
+    uri: str
+
+    def size(self, name: str) -> int: ...
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes: ...
+
+    def exists(self, name: str) -> bool: ...
+
+    def fingerprint(self, name: str) -> dict: ...
+
+
+def check_member_name(name: str, what: str = "file") -> str:
+    """Reject names that would escape the model directory (absolute, '..', backslashes)."""
+    if not isinstance(name, str) or not name:
+        raise SourceError(f"{what} name {name!r} is empty or not a string")
+    parts = name.split("/")
+    if name.startswith("/") or "\\" in name or "\x00" in name or any(p in ("", ".", "..") for p in parts):
+        raise SourceError(f"{what} name {name!r} escapes the model directory")
+    return name
+
+
+@dataclass
+class LocalSource:
+    """A model directory on the local file system."""
+
+    uri: str
+
+    def __post_init__(self) -> None:
+        self.root = os.path.abspath(self.uri)
+        if not os.path.isdir(self.root):
+            raise SourceError(f"source {self.uri!r} is not a directory")
+
+    def _path(self, name: str) -> str:
+        check_member_name(name)
+        path = os.path.realpath(os.path.join(self.root, name))
+        if os.path.commonpath([path, os.path.realpath(self.root)]) != os.path.realpath(self.root):
+            raise SourceError(f"file name {name!r} escapes the model directory {self.root}")
+        return path
+
+    def exists(self, name: str) -> bool:
+        return os.path.isfile(self._path(name))
+
+    def size(self, name: str) -> int:
+        try:
+            return os.path.getsize(self._path(name))
+        except OSError as e:
+            raise SourceError(f"cannot stat {os.path.join(self.uri, name)}: {e.strerror}") from None
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        path = self._path(name)
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(length)
+        except OSError as e:
+            raise SourceError(f"cannot read {path}: {e.strerror}") from None
+        if len(data) != length:
+            raise SourceError(
+                f"{path}: short read at bytes [{offset}, {offset + length}): got {len(data)} bytes "
+                "(file truncated or changed during conversion?)"
+            )
+        return data
+
+    def fingerprint(self, name: str) -> dict:
+        st = os.stat(self._path(name))
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+_SCHEMES: dict[str, Callable[[str], ByteSource]] = {}
+
+
+def register_scheme(scheme: str, factory: Callable[[str], ByteSource]) -> None:
+    _SCHEMES[scheme] = factory
+
+
+def open_source(uri: str) -> ByteSource:
+    """The ByteSource for a model directory URI (local path or a registered scheme)."""
+    scheme, sep, _ = uri.partition("://")
+    if sep:
+        if scheme not in _SCHEMES:
+            raise SourceError(f"unsupported source URI scheme {scheme!r} in {uri!r}")
+        return _SCHEMES[scheme](uri)
+    return LocalSource(uri)
+
+
+def coalesce_ranges(ranges: Iterable[tuple[int, int]], max_gap: int = 0) -> list[tuple[int, int]]:
+    """Merge (offset, length) ranges that touch or lie within `max_gap` bytes of each other."""
+    merged: list[list[int]] = []
+    for off, length in sorted(ranges):
+        if merged and off <= merged[-1][1] + max_gap:
+            merged[-1][1] = max(merged[-1][1], off + length)
+        else:
+            merged.append([off, off + length])
+    return [(a, b - a) for a, b in merged]

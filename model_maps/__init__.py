@@ -1,0 +1,132 @@
+"""Registry of model families: how each is detected, its MaxText names, and what it covers.
+
+The README's support table is generated from `FAMILIES` (`python -m model_maps`), so the docs
+cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ckpt_transforms.specs import ModelMap
+from model_maps.llama import llama_map
+from model_maps.mixtral import mixtral_map
+from model_maps.qwen import qwen_map
+
+# Bump when any map's output changes, so re-conversion jobs know old checkpoints are stale.
+MAP_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    build: Callable[[dict], ModelMap]
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    maxtext_names: tuple[str, ...]
+    notes: str = ""
+    scan: bool = True
+    unscan: bool = True
+    directions: str = "HF → MaxText"
+    quantized_sources: str = "—"
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        "llama",
+        llama_map,
+        ("llama",),
+        ("LlamaForCausalLM",),
+        ("llama3.1-8b", "llama3.1-8b-Instruct", "llama3.1-70b", "llama3.1-405b", "llama2-7b", "llama3-8b"),
+        "Llama-3.1 RoPE re-interleave when rope_type is llama3; tied or untied head",
+    ),
+    Family(
+        "mistral",
+        llama_map,
+        ("mistral",),
+        ("MistralForCausalLM",),
+        ("mistral-7b",),
+        "Llama layout with default RoPE (no re-interleave)",
+    ),
+    Family(
+        "qwen2",
+        qwen_map,
+        ("qwen2",),
+        ("Qwen2ForCausalLM",),
+        ("qwen2.5-1.5b", "qwen2.5-7b", "qwen2.5-14b"),
+        "q/k/v biases",
+    ),
+    Family(
+        "qwen3",
+        qwen_map,
+        ("qwen3",),
+        ("Qwen3ForCausalLM",),
+        (
+            "qwen3-0.6b",
+            "qwen3-1.7b",
+            "qwen3-1.7b-base",
+            "qwen3-4b",
+            "qwen3-4b-base",
+            "qwen3-4b-thinking-2507",
+            "qwen3-8b",
+            "qwen3-8b-base",
+            "qwen3-14b",
+            "qwen3-14b-base",
+            "qwen3-32b",
+        ),
+        "dense; q_norm/k_norm",
+    ),
+    Family(
+        "mixtral",
+        mixtral_map,
+        ("mixtral",),
+        ("MixtralForCausalLM",),
+        ("mixtral-8x7b", "mixtral-8x22b"),
+        "experts stacked on axis 0",
+    ),
+)
+
+
+class UnknownModelError(ValueError):
+    """The family could not be determined or is not supported."""
+
+
+def _by_name(name: str) -> Family | None:
+    for fam in FAMILIES:
+        if name == fam.name or name in fam.maxtext_names:
+            return fam
+    return None
+
+
+def detect_family(config: dict, model: str | None = None) -> Family:
+    """`--model` (family or MaxText name) wins; otherwise config.json's model_type/architectures."""
+    if model:
+        fam = _by_name(model)
+        if fam is None:
+            known = ", ".join(f.name for f in FAMILIES)
+            raise UnknownModelError(f"unknown --model {model!r}; families: {known} (or a MaxText model name)")
+        return fam
+    model_type = config.get("model_type")
+    archs = config.get("architectures") or []
+    for fam in FAMILIES:
+        if model_type in fam.model_types or any(a in fam.architectures for a in archs):
+            return fam
+    raise UnknownModelError(
+        f"unsupported architecture: model_type={model_type!r}, architectures={archs!r}; "
+        f"supported: {', '.join(f.name for f in FAMILIES)}"
+    )
+
+
+def support_table() -> str:
+    rows = [
+        "| family | HF architectures | MaxText model names | scanned | unscanned | direction | quantized sources | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for f in FAMILIES:
+        rows.append(
+            f"| {f.name} | {', '.join(f.architectures)} | {', '.join(f.maxtext_names)} | "
+            f"{'yes' if f.scan else 'no'} | {'yes' if f.unscan else 'no'} | {f.directions} | "
+            f"{f.quantized_sources} | {f.notes} |"
+        )
+    return "\n".join(rows)

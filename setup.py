@@ -1,0 +1,28 @@
+"""ckptbeam: Hugging Face safetensors <-> MaxText Orbax checkpoints as an Apache Beam pipeline."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="ckptbeam",
+    version="0.1.0",
+    description="Distributed HF safetensors -> MaxText Orbax (OCDBT + zarr3) checkpoint conversion on Apache Beam",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ckpt_transforms*", "model_maps*", "pipelines*"]),
+    package_data={"pipelines": ["demo_model/*"]},
+    install_requires=[
+        "apache-beam[gcp]==2.77.0",
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "orbax-checkpoint==0.12.8",
+        "tensorstore==0.1.86",
+        "safetensors==0.8.0",
+        "numpy==2.4.6",
+        "ml_dtypes==0.6.0",
+        "huggingface_hub==2.4.0",
+        "google-cloud-storage==3.17.1",
+    ],
+    extras_require={
+        "test": ["pytest==9.0.3", "hypothesis==6.155.2", "ruff==0.17.6"],
+    },
+    entry_points={"console_scripts": ["ckptbeam=pipelines.cli:main"]},
+)

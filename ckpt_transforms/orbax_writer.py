@@ -213,3 +213,31 @@ def commit_step(step_dir: str, custom_metadata: dict) -> None:
     for d in (os.path.join(step_dir, "items"), step_dir):
         with open(os.path.join(d, "commit_success.txt"), "w", encoding="utf-8") as f:
             f.write(f"Checkpoint commit was successful to {d}")
+
+
+STEP_DIR = "0"
+TMP_MARK = ".orbax-checkpoint-tmp-"
+
+
+def final_step_dir(output: str) -> str:
+    return os.path.join(output, STEP_DIR)
+
+
+def new_staging_dir(output: str) -> str:
+    """Orbax's own temporary-step naming, so Orbax readers ignore it until it is renamed."""
+    return os.path.join(output, f"{STEP_DIR}{TMP_MARK}{time.time_ns()}")
+
+
+def stale_staging_dirs(output: str) -> list[str]:
+    if not os.path.isdir(output):
+        return []
+    return sorted(os.path.join(output, e) for e in os.listdir(output) if e.startswith(STEP_DIR + TMP_MARK))
+
+
+def publish(staging_dir: str, output: str) -> str:
+    """Atomically make the staged step visible as OUTPUT/0 (one rename on a local file system)."""
+    final = final_step_dir(output)
+    if os.path.exists(final):
+        raise FileExistsError(f"{final} appeared while converting; the new checkpoint stays in {staging_dir}")
+    os.rename(staging_dir, final)
+    return final

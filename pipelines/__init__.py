@@ -1,0 +1,1 @@
+"""Beam graphs, options and the command line for ckptbeam."""

@@ -1,0 +1,87 @@
+"""`ckptbeam` command line: convert, inspect, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+
+DEMO_MODEL = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "llama_bf16"
+)
+
+USAGE = """ckptbeam COMMAND [options]
+
+commands:
+  convert   HF safetensors -> MaxText Orbax checkpoint (Beam pipeline; Beam flags pass through)
+  inspect   list an Orbax checkpoint's params, shapes, dtypes, chunking and size
+  demo      convert the bundled tiny Llama model and inspect the result
+
+run `ckptbeam convert --help` for conversion options."""
+
+
+def _inspect(argv: list[str]) -> int:
+    from ckpt_transforms.inspect_ckpt import format_leaves, inspect_checkpoint
+
+    parser = argparse.ArgumentParser(prog="ckptbeam inspect", description="List an Orbax checkpoint's params.")
+    parser.add_argument("path", help="OUT, OUT/0 or OUT/0/items")
+    args = parser.parse_args(argv)
+    print(format_leaves(*inspect_checkpoint(args.path)))
+    return 0
+
+
+def _convert(argv: list[str]) -> int:
+    from pipelines.convert import run
+    from pipelines.options import ConvertOptions
+
+    if "-h" in argv or "--help" in argv:
+        parser = argparse.ArgumentParser(
+            prog="ckptbeam convert",
+            description="Convert a Hugging Face safetensors checkpoint to a MaxText Orbax checkpoint. "
+            "Any Apache Beam pipeline option (--runner, --direct_num_workers, --direct_running_mode, "
+            "Dataflow options, ...) is accepted as well; --dry_run prints the plan and exits.",
+        )
+        ConvertOptions._add_argparse_args(parser)
+        parser.print_help()
+        return 0
+    run(argv)
+    return 0
+
+
+def _demo(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="ckptbeam demo", description="Convert the bundled tiny Llama model.")
+    parser.add_argument("--output", default=None, help="where to write (default: a fresh temporary directory)")
+    args, beam_args = parser.parse_known_args(argv)
+    if not os.path.isdir(DEMO_MODEL):
+        print(f"demo model not found at {DEMO_MODEL}; run the demo from a source checkout", file=sys.stderr)
+        return 2
+    output = args.output or tempfile.mkdtemp(prefix="ckptbeam-demo-")
+    if args.output and os.path.exists(os.path.join(output, "0")):
+        shutil.rmtree(os.path.join(output, "0"))
+    _convert(["--source", DEMO_MODEL, "--output", output] + beam_args)
+    return _inspect([output])
+
+
+COMMANDS = {"convert": _convert, "inspect": _inspect, "demo": _demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("apache_beam", "absl", "jax", "root"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"ckptbeam {argv[0]}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""HF safetensors -> MaxText Orbax on Beam: plan on the launcher, fan out, stitch, commit.
+
+    Create(work items) -> Reshuffle -> ConvertWorkItem -> ToList -> StitchAndCommit
+
+Run: `ckptbeam convert --source DIR --output OUT [Beam flags]` or `python -m pipelines.convert ...`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+
+import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
+
+import model_maps
+from ckpt_transforms import orbax_writer
+from ckpt_transforms.plan import Plan, build_plan, item_working_bytes
+from ckpt_transforms.safetensors_index import load_source_model
+from ckpt_transforms.storage import open_source
+from pipelines.graph import METRICS_NAMESPACE, build_pipeline
+from pipelines.options import ConvertOptions, str2bool
+from pipelines.progress import ProgressMonitor
+
+log = logging.getLogger("ckptbeam")
+
+
+def make_plan(opts: ConvertOptions) -> Plan:
+    source = load_source_model(open_source(opts.source))
+    family = model_maps.detect_family(source.config, opts.model)
+    return build_plan(source, family.build(source.config), opts.scan_layers, opts.save_dtype, opts.max_item_bytes)
+
+
+def format_summary(summary: dict) -> str:
+    mb = 1e6
+    return "\n".join(
+        [
+            f"  family          {summary['family']} (scan_layers={summary['scan_layers']}, save_dtype={summary['save_dtype']})",
+            f"  params          {summary['params']}",
+            f"  work items      {summary['work_items']} (largest {summary['largest_item_bytes'] / mb:.2f} MB: {summary['largest_item']}; "
+            f"budget {summary['max_item_bytes'] / mb:.0f} MB)",
+            f"  bytes read      {summary['bytes_read'] / mb:.2f} MB",
+            f"  bytes written   {summary['bytes_written'] / mb:.2f} MB (before compression)",
+        ]
+    )
+
+
+def _prepare_output(output: str) -> str:
+    final = orbax_writer.final_step_dir(output)
+    if os.path.exists(final):
+        raise FileExistsError(f"{final} already exists; remove it or choose another --output")
+    for stale in orbax_writer.stale_staging_dirs(output):
+        log.info("removing leftovers of an earlier unfinished run: %s", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = orbax_writer.new_staging_dir(output)
+    os.makedirs(os.path.join(staging, "items"))
+    return staging
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """Beam's own `--dry_run` takes a value; accept the bare flag too. Default the runner.
+
+    Without --runner, run on Beam's FnApiRunner directly (what DirectRunner falls back to offline).
+    """
+    out = []
+    for i, a in enumerate(argv):
+        bare = a == "--dry_run" and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
+        out.append("--dry_run=true" if bare else a)
+    if not any(a == "--runner" or a.startswith("--runner=") for a in out):
+        out.append("--runner=FnApiRunner")
+    return out
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Plan, run and commit one conversion; returns the summary (also printed)."""
+    argv = normalize_argv(list(sys.argv[1:] if argv is None else argv))
+    options = PipelineOptions(argv)
+    opts = options.view_as(ConvertOptions)
+    if not opts.source or not opts.output:
+        raise SystemExit("ckptbeam convert: --source and --output are required")
+    output = os.path.abspath(opts.output)
+    started = time.time()
+    plan = make_plan(opts)
+    summary = plan.summary()
+    print(f"ckptbeam plan for {opts.source}:\n{format_summary(summary)}", flush=True)
+    if plan.unused_source_keys:
+        print(
+            f"  known extras    {len(plan.unused_source_keys)} source tensor(s) not converted, e.g. {plan.unused_source_keys[0]}"
+        )
+    if str2bool(str(options.view_as(TestOptions).dry_run)):
+        return summary
+    staging = _prepare_output(output)
+    try:
+        with ProgressMonitor(os.path.join(staging, "items"), len(plan.items), summary["bytes_written"]):
+            p = beam.Pipeline(options=options)
+            build_pipeline(p, plan, opts.source, staging, output, opts.item_attempts)
+            result = p.run()
+            result.wait_until_finish()
+    except BaseException:
+        if os.path.exists(staging):
+            log.error("conversion failed; nothing was published at %s (staging %s removed)", output, staging)
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    elapsed = time.time() - started
+    counters = {
+        m.key.metric.name: m.committed
+        for m in result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))["counters"]
+    }
+    summary.update(
+        seconds=round(elapsed, 3),
+        mb_per_s=round(summary["bytes_written"] / 1e6 / max(elapsed, 1e-9), 2),
+        output=os.path.join(output, orbax_writer.STEP_DIR, "items"),
+        runner=options.view_as(StandardOptions).runner,
+        metrics=counters,
+        largest_item_working_bytes=max((item_working_bytes(i) for i in plan.items), default=0),
+    )
+    print(
+        f"ckptbeam: converted {summary['params']} params ({summary['bytes_written'] / 1e6:.2f} MB) in "
+        f"{elapsed:.2f} s, {summary['mb_per_s']:.1f} MB/s\n"
+        f"  output          {summary['output']}\n"
+        f"  MaxText         load_parameters_path={summary['output']}",
+        flush=True,
+    )
+    return summary
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    summary = run()
+    log.debug(json.dumps(summary, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The Beam graph of a conversion: Create(work items) -> Reshuffle -> ConvertWorkItem -> Stitch.
+
+Kept apart from the launcher (`pipelines.convert`) so DoFns pickle by module path on every runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from ckpt_transforms import orbax_writer
+from ckpt_transforms.convert_item import build_region
+from ckpt_transforms.plan import ArrayPlan, Plan, WorkItem
+from ckpt_transforms.storage import open_source
+
+log = logging.getLogger("ckptbeam")
+METRICS_NAMESPACE = "ckptbeam"
+
+
+@dataclass(frozen=True)
+class WrittenRecord:
+    """What a finished work item reports: the only way a database gets into the checkpoint."""
+
+    item_id: int
+    db_id: str
+    crc32: int
+    bytes_written: int
+
+
+class ConvertWorkItem(beam.DoFn):
+    """Range-read, transform and write one work item into a fresh OCDBT database per attempt."""
+
+    def __init__(self, source_uri: str, items_dir: str, arrays: list[ArrayPlan], total_items: int, attempts: int = 3):
+        self.source_uri = source_uri
+        self.items_dir = items_dir
+        self.arrays = {a.name: a for a in arrays}
+        self.total_items = total_items
+        self.attempts = max(1, attempts)
+        self.items_done = Metrics.counter(METRICS_NAMESPACE, "items_done")
+        self.item_retries = Metrics.counter(METRICS_NAMESPACE, "item_retries")
+        self.bytes_read = Metrics.counter(METRICS_NAMESPACE, "bytes_read")
+        self.bytes_written = Metrics.counter(METRICS_NAMESPACE, "bytes_written")
+        self.item_ms = Metrics.distribution(METRICS_NAMESPACE, "item_ms")
+
+    def setup(self) -> None:
+        self.source = open_source(self.source_uri)
+
+    def convert_once(self, item: WorkItem, db_id: str) -> int:
+        """Write the item into database `db_id`; return the CRC32 of the region's bytes."""
+        region = build_region(item, self.source)
+        orbax_writer.write_regions(self.items_dir, db_id, [(self.arrays[item.param], item, region)])
+        return zlib.crc32(region.tobytes())
+
+    def process(self, item):
+        started = time.time()
+        for attempt in range(1, self.attempts + 1):
+            db_id = uuid.uuid4().hex
+            try:
+                crc = self.convert_once(item, db_id)
+                break
+            except Exception as e:
+                # The failed attempt's database is never reported, so the stitch ignores and removes it.
+                if attempt == self.attempts:
+                    raise RuntimeError(
+                        f"work item {item.item_id} ({item.param}) failed after {attempt} attempts: {e}"
+                    ) from e
+                self.item_retries.inc()
+                log.warning("work item %d (%s) attempt %d failed: %s; retrying", item.item_id, item.param, attempt, e)
+        elapsed = time.time() - started
+        self.items_done.inc()
+        self.bytes_read.inc(item.bytes_read)
+        self.bytes_written.inc(item.bytes_written)
+        self.item_ms.update(int(elapsed * 1000))
+        log.info(
+            "work item %d/%d done: %s %s, %.2f MB in %.2f s",
+            item.item_id + 1,
+            self.total_items,
+            item.param,
+            list(item.region_shape),
+            item.bytes_written / 1e6,
+            elapsed,
+        )
+        yield WrittenRecord(item.item_id, db_id, crc, item.bytes_written)
+
+
+class StitchAndCommit(beam.DoFn):
+    """Merge the databases named by records, write Orbax metadata, commit and publish last."""
+
+    def __init__(self, staging_dir: str, output: str, arrays: list[ArrayPlan], item_ids: list[int], custom: dict):
+        self.staging_dir = staging_dir
+        self.output = output
+        self.arrays = arrays
+        self.item_ids = item_ids
+        self.custom = custom
+
+    def process(self, records):
+        by_item: dict[int, WrittenRecord] = {}
+        for r in sorted(records, key=lambda r: (r.item_id, r.db_id)):
+            by_item.setdefault(r.item_id, r)
+        missing = sorted(set(self.item_ids) - set(by_item))
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} work item(s) produced no record, e.g. item {missing[0]}; not publishing"
+            )
+        items_dir = os.path.join(self.staging_dir, "items")
+        stats = orbax_writer.stitch(items_dir, [r.db_id for r in by_item.values()], self.arrays)
+        orbax_writer.commit_step(self.staging_dir, self.custom)
+        final = orbax_writer.publish(self.staging_dir, self.output)
+        log.info("stitched %d databases in %.3f s; published %s", stats["databases"], stats["merge_seconds"], final)
+        yield {"final": final, **stats}
+
+
+def build_pipeline(
+    p: beam.Pipeline,
+    plan: Plan,
+    source_uri: str,
+    staging_dir: str,
+    output: str,
+    attempts: int = 3,
+    convert_fn: type[ConvertWorkItem] = ConvertWorkItem,
+) -> beam.PCollection:
+    """The Beam graph over a plan; `convert_fn` lets tests inject faults into the worker step."""
+    items_dir = os.path.join(staging_dir, "items")
+    custom = {"scan_layers": plan.scan_layers}
+    records = (
+        p
+        | "CreateWorkItems" >> beam.Create(plan.items, reshuffle=False)
+        | "Reshuffle" >> beam.Reshuffle()
+        | "ConvertWorkItem" >> beam.ParDo(convert_fn(source_uri, items_dir, plan.arrays, len(plan.items), attempts))
+    )
+    return (
+        records
+        | "CollectRecords" >> beam.combiners.ToList()
+        | "StitchAndCommit"
+        >> beam.ParDo(StitchAndCommit(staging_dir, output, plan.arrays, [i.item_id for i in plan.items], custom))
+    )

@@ -1,0 +1,80 @@
+"""ckptbeam's own options as a Beam `PipelineOptions` subclass: Beam's flags pass straight through."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from ckpt_transforms.dtypes import SAVE_DTYPES
+from ckpt_transforms.plan import DEFAULT_MAX_ITEM_BYTES
+
+_UNITS = {
+    "": 1,
+    "k": 2**10,
+    "kb": 2**10,
+    "kib": 2**10,
+    "m": 2**20,
+    "mb": 2**20,
+    "mib": 2**20,
+    "g": 2**30,
+    "gb": 2**30,
+    "gib": 2**30,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """'268435456', '256MiB', '1g' -> bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 268435456, 256MiB, 1GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def str2bool(text: str) -> bool:
+    if str(text).lower() in ("1", "true", "yes", "y", "t"):
+        return True
+    if str(text).lower() in ("0", "false", "no", "n", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class ConvertOptions(PipelineOptions):
+    """HF safetensors -> MaxText Orbax options (names follow MaxText's where MaxText has one).
+
+    `--dry_run` is Beam's own flag (TestOptions: run nothing, submit nothing); ckptbeam reads
+    it too and prints the plan summary without writing anything.
+    """
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--source", help="Hugging Face model directory (config.json + safetensors)")
+        parser.add_argument("--output", help="Output base directory; the checkpoint lands in OUTPUT/0/items")
+        parser.add_argument(
+            "--model",
+            default=None,
+            help="Family (llama, mistral, qwen2, qwen3, mixtral) or MaxText model name (llama3.1-8b, qwen3-4b, ...); "
+            "default: detected from config.json",
+        )
+        parser.add_argument(
+            "--scan_layers",
+            type=str2bool,
+            default=True,
+            help="Stack decoder layers on MaxText's param_scan_axis (true, MaxText's default) or write layers_N (false)",
+        )
+        parser.add_argument(
+            "--save_dtype", choices=sorted(SAVE_DTYPES), default="bfloat16", help="dtype of the saved weights"
+        )
+        parser.add_argument(
+            "--max_item_bytes",
+            type=parse_bytes,
+            default=DEFAULT_MAX_ITEM_BYTES,
+            help="Memory budget of one work item (region buffer + one slab in flight); e.g. 256MiB",
+        )
+        parser.add_argument(
+            "--item_attempts",
+            type=int,
+            default=3,
+            help="Attempts per work item inside a worker (each into a fresh OCDBT database)",
+        )

@@ -1,0 +1,63 @@
+"""Launcher-side progress: watch committed per-item databases appear in the staging directory.
+
+Works whatever the runner, because every finished work item leaves exactly one committed OCDBT
+database (its manifest) under the checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from ckpt_transforms.orbax_writer import PROCESS_PREFIX
+
+log = logging.getLogger("ckptbeam")
+
+
+def count_committed_databases(items_dir: str) -> int:
+    try:
+        entries = os.listdir(items_dir)
+    except FileNotFoundError:
+        return 0
+    return sum(
+        1
+        for e in entries
+        if e.startswith(PROCESS_PREFIX) and os.path.exists(os.path.join(items_dir, e, "manifest.ocdbt"))
+    )
+
+
+class ProgressMonitor:
+    """Logs 'N/M work items, MB written, MB/s, ETA' every `interval` seconds until stopped."""
+
+    def __init__(self, items_dir: str, total_items: int, total_bytes: int, interval: float = 5.0):
+        self.items_dir, self.total_items, self.total_bytes = items_dir, total_items, total_bytes
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ckptbeam-progress", daemon=True)
+        self.started = time.time()
+
+    def __enter__(self) -> ProgressMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def line(self) -> str:
+        done = min(count_committed_databases(self.items_dir), self.total_items)
+        elapsed = max(time.time() - self.started, 1e-6)
+        frac = done / self.total_items if self.total_items else 1.0
+        written = self.total_bytes * frac
+        rate = written / elapsed / 1e6
+        eta = f"{elapsed / frac - elapsed:.0f} s" if frac > 0 else "unknown"
+        return (
+            f"progress: {done}/{self.total_items} work items ({100 * frac:.0f}%), "
+            f"~{written / 1e6:.1f} MB written, {rate:.1f} MB/s, ETA {eta}"
+        )
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            log.info(self.line())

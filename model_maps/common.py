@@ -51,14 +51,21 @@ class Dims:
 KERNEL: tuple[Op, ...] = (Transpose(),)
 
 
-def heads_kernel(heads: int, head_dim: int) -> tuple[Op, ...]:
+# Head splits name only head_dim: the head count follows from the slab, so a work item can take
+# a contiguous range of heads (source rows) of a huge projection.
+def heads_kernel(head_dim: int) -> tuple[Op, ...]:
     """[heads*head_dim, hidden] -> [hidden, heads, head_dim] (query/key/value)."""
-    return (Transpose(), SplitAxis(1, (heads, head_dim)))
+    return (Transpose(), SplitAxis(1, (-1, head_dim)))
 
 
-def out_kernel(heads: int, head_dim: int) -> tuple[Op, ...]:
+def out_kernel(head_dim: int) -> tuple[Op, ...]:
     """[hidden, heads*head_dim] -> [heads, head_dim, hidden] (attention output)."""
-    return (Transpose(), SplitAxis(0, (heads, head_dim)))
+    return (Transpose(), SplitAxis(0, (-1, head_dim)))
+
+
+def heads_bias(head_dim: int) -> tuple[Op, ...]:
+    """[heads*head_dim] -> [heads, head_dim]."""
+    return (SplitAxis(0, (-1, head_dim)),)
 
 
 def attention_rules(
@@ -66,8 +73,8 @@ def attention_rules(
 ) -> list[ParamRule]:
     """Self-attention rows. `rope_interleave`/`scale_query` follow MaxText's per-family hooks."""
     a = f"{LAYER}.self_attn"
-    q_ops = heads_kernel(d.heads, d.head_dim)
-    k_ops = heads_kernel(d.kv_heads, d.head_dim)
+    q_ops = heads_kernel(d.head_dim)
+    k_ops = heads_kernel(d.head_dim)
     if rope_interleave:
         q_ops, k_ops = q_ops + (RopeInterleave(),), k_ops + (RopeInterleave(),)
     if scale_query:
@@ -80,23 +87,15 @@ def attention_rules(
             "self_attention/value/kernel",
             f"{a}.v_proj.weight",
             (kv_width, d.hidden),
-            heads_kernel(d.kv_heads, d.head_dim),
+            heads_kernel(d.head_dim),
         ),
-        ParamRule(
-            "self_attention/out/kernel", f"{a}.o_proj.weight", (d.hidden, q_width), out_kernel(d.heads, d.head_dim)
-        ),
+        ParamRule("self_attention/out/kernel", f"{a}.o_proj.weight", (d.hidden, q_width), out_kernel(d.head_dim)),
     ]
     if bias:
         rules += [
-            ParamRule(
-                "self_attention/query/bias", f"{a}.q_proj.bias", (q_width,), (SplitAxis(0, (d.heads, d.head_dim)),)
-            ),
-            ParamRule(
-                "self_attention/key/bias", f"{a}.k_proj.bias", (kv_width,), (SplitAxis(0, (d.kv_heads, d.head_dim)),)
-            ),
-            ParamRule(
-                "self_attention/value/bias", f"{a}.v_proj.bias", (kv_width,), (SplitAxis(0, (d.kv_heads, d.head_dim)),)
-            ),
+            ParamRule("self_attention/query/bias", f"{a}.q_proj.bias", (q_width,), heads_bias(d.head_dim)),
+            ParamRule("self_attention/key/bias", f"{a}.k_proj.bias", (kv_width,), heads_bias(d.head_dim)),
+            ParamRule("self_attention/value/bias", f"{a}.v_proj.bias", (kv_width,), heads_bias(d.head_dim)),
         ]
     if qk_norm:
         rules += [

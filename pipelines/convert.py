@@ -23,7 +23,7 @@ from ckpt_transforms import orbax_writer
 from ckpt_transforms.plan import Plan, build_plan, item_working_bytes
 from ckpt_transforms.safetensors_index import load_source_model
 from ckpt_transforms.storage import open_source
-from pipelines.graph import METRICS_NAMESPACE, build_pipeline
+from pipelines.graph import METRICS_NAMESPACE, ConvertWorkItem, build_pipeline
 from pipelines.options import ConvertOptions, str2bool
 from pipelines.progress import ProgressMonitor
 
@@ -76,7 +76,7 @@ def normalize_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def run(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None, convert_fn: type[ConvertWorkItem] = ConvertWorkItem) -> dict:
     """Plan, run and commit one conversion; returns the summary (also printed)."""
     argv = normalize_argv(list(sys.argv[1:] if argv is None else argv))
     options = PipelineOptions(argv)
@@ -98,7 +98,7 @@ def run(argv: list[str] | None = None) -> dict:
     try:
         with ProgressMonitor(os.path.join(staging, "items"), len(plan.items), summary["bytes_written"]):
             p = beam.Pipeline(options=options)
-            build_pipeline(p, plan, opts.source, staging, output, opts.item_attempts)
+            build_pipeline(p, plan, opts.source, staging, output, opts.item_attempts, convert_fn)
             result = p.run()
             result.wait_until_finish()
     except BaseException:

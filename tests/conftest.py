@@ -1,0 +1,55 @@
+"""Shared fixtures: run a conversion in-process and restore what it wrote with orbax.checkpoint."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+TESTS = os.path.join(ROOT, "tests")
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
+
+FIXTURES = os.path.join(TESTS, "fixtures")
+GOLDEN = os.path.join(TESTS, "golden")
+FIXTURE_NAMES = sorted(d for d in os.listdir(FIXTURES) if os.path.isfile(os.path.join(FIXTURES, d, "config.json")))
+
+
+def convert(source: str, output: str, *args: str, convert_fn=None) -> dict:
+    from pipelines.convert import run
+
+    argv = ["--source", source, "--output", output, *args]
+    return run(argv) if convert_fn is None else run(argv, convert_fn=convert_fn)
+
+
+def restore_leaves(output: str) -> dict[str, np.ndarray]:
+    """Restore OUTPUT/0/items with orbax.checkpoint (no extra args) -> dotted name -> array."""
+    import orbax.checkpoint as ocp
+
+    restored = ocp.PyTreeCheckpointer().restore(os.path.join(output, "0", "items"))
+    leaves = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(restored):
+        name = ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+        leaves[name] = np.asarray(leaf)
+    return leaves
+
+
+def assert_bitwise_equal(actual: np.ndarray, expected: np.ndarray, name: str) -> None:
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    a = np.ascontiguousarray(actual).view(np.uint8)
+    b = np.ascontiguousarray(expected).view(np.uint8)
+    if not np.array_equal(a, b):
+        diff = np.argwhere(actual != expected)
+        raise AssertionError(f"{name}: {len(diff)} values differ, first at {diff[0].tolist() if len(diff) else '?'}")
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    return str(tmp_path / "out")

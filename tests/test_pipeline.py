@@ -1,0 +1,99 @@
+"""The Beam graph under different runners, retries, and zombie writes."""
+
+from __future__ import annotations
+
+import os
+
+from conftest import FIXTURES, assert_bitwise_equal, convert, restore_leaves
+from reference import expected_leaves
+
+from ckpt_transforms import orbax_writer
+from ckpt_transforms.convert_item import build_region
+from pipelines.graph import ConvertWorkItem
+
+SHARDED = os.path.join(FIXTURES, "llama_f32_sharded")
+
+
+def _assert_matches_reference(out_dir: str, source: str, scan: bool = True) -> None:
+    restored = restore_leaves(out_dir)
+    restored.pop("step")
+    expected = expected_leaves(source, scan)
+    assert sorted(restored) == sorted(expected)
+    for name, value in expected.items():
+        assert_bitwise_equal(restored[name], value, name)
+
+
+def _databases(out_dir: str) -> list[str]:
+    items = os.path.join(out_dir, "0", "items")
+    return sorted(e for e in os.listdir(items) if e.startswith(orbax_writer.PROCESS_PREFIX))
+
+
+def test_direct_runner_multi_processing(out_dir):
+    summary = convert(
+        SHARDED,
+        out_dir,
+        "--runner=DirectRunner",
+        "--direct_running_mode=multi_processing",
+        "--direct_num_workers=2",
+        "--max_item_bytes=20000",  # forces layer- and row-split items
+    )
+    assert summary["work_items"] > summary["params"]
+    _assert_matches_reference(out_dir, SHARDED)
+
+
+class FailsOnceAfterWriting(ConvertWorkItem):
+    """First attempt of every item writes its region, then dies: a crashed attempt's leftovers."""
+
+    def convert_once(self, item, db_id):
+        if not hasattr(self, "_failed"):
+            self._failed = set()
+        if item.item_id not in self._failed:
+            self._failed.add(item.item_id)
+            region = build_region(item, self.source)
+            region[...] = 0  # garbage that must never reach the checkpoint
+            orbax_writer.write_regions(self.items_dir, db_id, [(self.arrays[item.param], item, region)])
+            raise OSError("injected failure after writing")
+        return super().convert_once(item, db_id)
+
+
+def test_item_that_fails_once_is_retried_and_checkpoint_is_identical(out_dir):
+    summary = convert(SHARDED, out_dir, convert_fn=FailsOnceAfterWriting)
+    assert summary["metrics"]["item_retries"] == summary["work_items"]
+    _assert_matches_reference(out_dir, SHARDED)
+    # Only the successful attempts' databases (plus the stitch's metadata db) remain.
+    assert len(_databases(out_dir)) == summary["work_items"] + 1
+
+
+class ZombieWriter(ConvertWorkItem):
+    """Also writes a stray database no record names, as a zombie attempt on another worker would."""
+
+    def convert_once(self, item, db_id):
+        crc = super().convert_once(item, db_id)
+        region = build_region(item, self.source)
+        region[...] = 1
+        orbax_writer.write_regions(self.items_dir, "zombie" + db_id[:8], [(self.arrays[item.param], item, region)])
+        return crc
+
+
+def test_stitch_never_merges_an_unnamed_database(out_dir):
+    summary = convert(SHARDED, out_dir, "--scan_layers=false", convert_fn=ZombieWriter)
+    _assert_matches_reference(out_dir, SHARDED, scan=False)
+    assert not [d for d in _databases(out_dir) if "zombie" in d]
+    assert len(_databases(out_dir)) == summary["work_items"] + 1
+
+
+def test_dry_run_writes_nothing(out_dir, capsys):
+    summary = convert(SHARDED, out_dir, "--dry_run")
+    assert summary["work_items"] == summary["params"] == 12
+    assert not os.path.exists(out_dir)
+    assert "work items" in capsys.readouterr().out
+
+
+def test_existing_checkpoint_is_not_overwritten(out_dir):
+    import pytest
+
+    convert(SHARDED, out_dir)
+    before = sorted(os.listdir(os.path.join(out_dir, "0", "items")))
+    with pytest.raises(FileExistsError, match="already exists"):
+        convert(SHARDED, out_dir)
+    assert sorted(os.listdir(os.path.join(out_dir, "0", "items"))) == before

@@ -83,8 +83,8 @@ class SplitAxis(Op):
             return axis
         if axis > ax:
             return axis + len(self.sizes) - 1
-        # Slicing the split axis is fine in whole units of the inner sizes; the planner checks it.
-        return ax
+        # A slice of the split axis reshapes only if the outer size is inferred (-1 first).
+        return ax if self.sizes[0] == -1 else None
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,8 @@ class ScaleBySqrt(Op):
     power: int = -1
 
     def factor(self) -> np.float32:
-        root = np.sqrt(self.n)
+        # Taken in float64, rounded once to float32, as MaxText does for power -1 / +1.
+        root = np.sqrt(self.n) ** abs(self.power)
         return np.float32(1 / root) if self.power < 0 else np.float32(root)
 
     def apply(self, x: np.ndarray) -> np.ndarray:

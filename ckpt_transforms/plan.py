@@ -176,8 +176,9 @@ def choose_chunk_shape(target: TargetParam, source_itemsize: float, save_itemsiz
 
     def cost(c: list[int]) -> int:
         frac = c[split[0]] / target.shape[split[0]] if split and target.shape[split[0]] else 1.0
-        slab_target = int(slab_elems * frac) * save_itemsize
-        slab_source = int(source_elems * frac * source_itemsize)
+        # Round up: an underestimate would let an item exceed the budget.
+        slab_target = math.ceil(slab_elems * frac) * save_itemsize
+        slab_source = math.ceil(source_elems * frac * source_itemsize)
         n_slabs = math.prod(c[a] for a in target.stack_axes)
         return n_slabs * slab_target + slab_working_bytes(slab_source, slab_target)
 

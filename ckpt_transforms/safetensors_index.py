@@ -63,7 +63,7 @@ def parse_header(header_bytes: bytes, file: str, file_size: int, where: str | No
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
             raise SourceError(f"{shown}: tensor {key!r} lacks dtype/shape/data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise SourceError(f"{shown}: tensor {key!r} has unknown dtype {dtype!r}")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise SourceError(f"{shown}: tensor {key!r} has invalid shape {shape!r}")
@@ -140,7 +140,7 @@ def load_source_model(source: ByteSource) -> SourceModel:
         if not isinstance(weight_map, dict) or not weight_map:
             raise SourceError(f"{source.uri}/{INDEX_FILE} has no weight_map")
         for key, file in weight_map.items():
-            check_member_name(file, f"shard of {key!r}")
+            check_member_name(file, f"{source.uri.rstrip('/')}/{INDEX_FILE}: shard of {key!r}")
         files = sorted(set(weight_map.values()))
     elif source.exists(SINGLE_FILE):
         weight_map = None

@@ -6,6 +6,7 @@ cannot drift from the code.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,7 +52,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "qwen2",
-        qwen_map,
+        functools.partial(qwen_map, variant="qwen2"),
         ("qwen2",),
         ("Qwen2ForCausalLM",),
         ("qwen2.5-1.5b", "qwen2.5-7b", "qwen2.5-14b"),
@@ -59,7 +60,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "qwen3",
-        qwen_map,
+        functools.partial(qwen_map, variant="qwen3"),
         ("qwen3",),
         ("Qwen3ForCausalLM",),
         (

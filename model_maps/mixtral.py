@@ -8,11 +8,22 @@ weights of a layer form one [experts, in, out] array (scanned: [experts, layers,
 from __future__ import annotations
 
 from ckpt_transforms.specs import ModelMap, ParamRule
-from model_maps.common import KERNEL, LAYER, Dims, attention_rules, common_extras, embedding_rules, layer_norm_rules
+from model_maps.common import (
+    KERNEL,
+    LAYER,
+    ConfigError,
+    Dims,
+    attention_rules,
+    common_extras,
+    embedding_rules,
+    layer_norm_rules,
+)
 
 
 def mixtral_map(config: dict) -> ModelMap:
     d = Dims.from_config(config)
+    if not config.get("num_local_experts"):
+        raise ConfigError("config.json has no 'num_local_experts' (not a Mixtral MoE checkpoint?)")
     experts = int(config["num_local_experts"])
     moe = f"{LAYER}.block_sparse_moe"
     rules = attention_rules(d, scale_query=True) + layer_norm_rules(d)

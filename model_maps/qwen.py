@@ -10,15 +10,16 @@ from ckpt_transforms.specs import ModelMap
 from model_maps.common import Dims, attention_rules, common_extras, dense_mlp_rules, embedding_rules, layer_norm_rules
 
 
-def qwen_map(config: dict) -> ModelMap:
+def qwen_map(config: dict, variant: str) -> ModelMap:
+    """`variant` is the family chosen ('qwen2' or 'qwen3'), not config.json's model_type, so a
+    wrong --model fails plan validation instead of silently converting with the wrong rules."""
     d = Dims.from_config(config)
-    model_type = config.get("model_type", "qwen3")
     # Qwen2 attention always has q/k/v biases; Qwen3 has them only if attention_bias is set.
-    bias = model_type == "qwen2" or bool(config.get("attention_bias", False))
-    rules = attention_rules(d, bias=bias, qk_norm=model_type == "qwen3")
+    bias = variant == "qwen2" or bool(config.get("attention_bias", False))
+    rules = attention_rules(d, bias=bias, qk_norm=variant == "qwen3")
     rules += dense_mlp_rules(d) + layer_norm_rules(d)
     return ModelMap(
-        family=model_type,
+        family=variant,
         num_layers=d.layers,
         global_rules=tuple(embedding_rules(d)),
         layer_rules=tuple(rules),

@@ -10,11 +10,12 @@ import numpy as np
 
 from ckpt_transforms import dtypes
 from ckpt_transforms.ops import apply_chain
-from ckpt_transforms.plan import Slab, SourceRange, WorkItem
+from ckpt_transforms.plan import Slab, WorkItem
+from ckpt_transforms.safetensors_index import TensorInfo
 from ckpt_transforms.storage import ByteSource
 
 
-def decode(raw: bytes, src: SourceRange) -> np.ndarray:
+def decode(raw: bytes, src: TensorInfo) -> np.ndarray:
     """Raw little-endian bytes of a source range -> array of its safetensors dtype."""
     dtype = dtypes.numpy_dtype(src.dtype).newbyteorder("<")
     return np.frombuffer(raw, dtype=dtype).reshape(src.shape)

@@ -28,18 +28,6 @@ class PlanError(ValueError):
 
 
 @dataclass(frozen=True)
-class SourceRange:
-    """Bytes of one HF tensor (or a contiguous row range of it)."""
-
-    key: str
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    length: int
-
-
-@dataclass(frozen=True)
 class Slab:
     """One source read, transformed by the op chain, placed at `dest` inside the item's region.
 
@@ -47,7 +35,7 @@ class Slab:
     (start, stop) pair local to the region.
     """
 
-    source: SourceRange
+    source: TensorInfo
     dest: tuple[int | tuple[int, int], ...]
 
 
@@ -230,12 +218,8 @@ def _items_for_target(
                     dest.append((0, b - a))
             if row_axis is not None and region[row_axis] != (0, target.shape[row_axis]):
                 r0, r1 = region[row_axis]
-                offset, length = info.row_range(r0 * row_unit, r1 * row_unit)
-                shape = ((r1 - r0) * row_unit,) + info.shape[1:]
-            else:
-                offset, length, shape = info.offset, info.length, info.shape
-            src = SourceRange(key, info.file, info.dtype, tuple(shape), offset, length)
-            slabs.append(Slab(src, tuple(dest)))
+                info = info.rows(r0 * row_unit, r1 * row_unit)
+            slabs.append(Slab(info, tuple(dest)))
         items.append(WorkItem(first_id + len(items), target.name, region, tuple(slabs), target.ops, save_dtype))
     return items
 

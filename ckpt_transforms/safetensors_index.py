@@ -8,6 +8,7 @@ refused before any work item is planned.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -23,7 +24,10 @@ SINGLE_FILE = "model.safetensors"
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor's bytes live: `file`, absolute `offset`, `length`, dtype and shape."""
+    """Where one tensor's bytes live: `file`, absolute `offset`, `length`, dtype and shape.
+
+    Also the unit of reading in a plan: a work item's slab names a TensorInfo (or a row range).
+    """
 
     key: str
     file: str
@@ -31,6 +35,11 @@ class TensorInfo:
     shape: tuple[int, ...]
     offset: int
     length: int
+
+    def rows(self, start: int, stop: int) -> TensorInfo:
+        """The same tensor narrowed to rows [start, stop) of axis 0: what a row-split item reads."""
+        offset, length = self.row_range(start, stop)
+        return dataclasses.replace(self, shape=(stop - start,) + self.shape[1:], offset=offset, length=length)
 
     def row_range(self, start: int, stop: int) -> tuple[int, int]:
         """(offset, length) of rows [start, stop) along axis 0 (rows are contiguous in C order)."""

@@ -8,7 +8,8 @@ import functools
 import ml_dtypes
 import numpy as np
 import pytest
-from helpers_safetensors import FIXTURES, fixture_config, fixture_tensors
+from helpers_safetensors import FIXTURES, fixture_tensors
+from reference import expected_leaves
 from safetensors import safe_open
 
 import model_maps
@@ -37,19 +38,6 @@ def to_save(x: np.ndarray, save: np.dtype) -> np.ndarray:
     return x.astype(save)
 
 
-def interleave(x: np.ndarray) -> np.ndarray:
-    half = x.shape[-1] // 2
-    out = np.empty_like(x)
-    for i in range(half):
-        out[..., 2 * i] = x[..., i]
-        out[..., 2 * i + 1] = x[..., half + i]
-    return out
-
-
-def scale(x: np.ndarray, head_dim: int) -> np.ndarray:
-    return (x.astype(np.float32) * np.float32(1 / np.sqrt(head_dim))).astype(x.dtype)
-
-
 def source_tensors(name: str) -> dict[str, np.ndarray]:
     """Read with the safetensors library where it can (not BF16), else with our own reader."""
     tensors = fixture_tensors(name)
@@ -62,66 +50,6 @@ def source_tensors(name: str) -> dict[str, np.ndarray]:
                 out[key] = f.get_tensor(key)
     assert set(out) == set(tensors)
     return out
-
-
-def expected_layer_params(name: str, save: np.dtype) -> dict[str, list[np.ndarray]]:
-    """Per-layer MaxText slabs written from MaxText's conversion rules (cast first, then ops)."""
-    cfg = fixture_config(name)
-    t = {k: to_save(v, save) for k, v in source_tensors(name).items()}
-    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    kv = cfg["num_key_value_heads"]
-    hd = cfg.get("head_dim") or hidden // heads
-    mt = cfg["model_type"]
-    rope = (cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}).get("rope_type") == "llama3"
-    scaled = mt in ("llama", "mistral")
-    out: dict[str, list[np.ndarray]] = {}
-    for layer in range(cfg["num_hidden_layers"]):
-        a = f"model.layers.{layer}.self_attn."
-        q = t[a + "q_proj.weight"].T.reshape(hidden, heads, hd)
-        k = t[a + "k_proj.weight"].T.reshape(hidden, kv, hd)
-        if rope:
-            q, k = interleave(q), interleave(k)
-        if scaled:
-            q = scale(q, hd)
-        slabs = {
-            "self_attention.query.kernel": q,
-            "self_attention.key.kernel": k,
-            "self_attention.value.kernel": t[a + "v_proj.weight"].T.reshape(hidden, kv, hd),
-            "self_attention.out.kernel": t[a + "o_proj.weight"].T.reshape(heads, hd, hidden),
-            "mlp.wi_0.kernel": t[f"model.layers.{layer}.mlp.gate_proj.weight"].T,
-            "mlp.wi_1.kernel": t[f"model.layers.{layer}.mlp.up_proj.weight"].T,
-            "mlp.wo.kernel": t[f"model.layers.{layer}.mlp.down_proj.weight"].T,
-            "pre_self_attention_layer_norm.scale": t[f"model.layers.{layer}.input_layernorm.weight"],
-            "post_self_attention_layer_norm.scale": t[f"model.layers.{layer}.post_attention_layernorm.weight"],
-        }
-        if mt == "qwen2":
-            slabs["self_attention.query.bias"] = t[a + "q_proj.bias"].reshape(heads, hd)
-            slabs["self_attention.key.bias"] = t[a + "k_proj.bias"].reshape(kv, hd)
-            slabs["self_attention.value.bias"] = t[a + "v_proj.bias"].reshape(kv, hd)
-        if mt == "qwen3":
-            slabs["self_attention.query_norm.scale"] = t[a + "q_norm.weight"]
-            slabs["self_attention.key_norm.scale"] = t[a + "k_norm.weight"]
-        for k2, v in slabs.items():
-            out.setdefault(k2, []).append(np.ascontiguousarray(v))
-    return out
-
-
-def expected_leaves(name: str, scan: bool, save: np.dtype) -> dict[str, np.ndarray]:
-    cfg = fixture_config(name)
-    t = source_tensors(name)
-    leaves = {
-        P + "token_embedder.embedding": to_save(t["model.embed_tokens.weight"], save),
-        P + "decoder.decoder_norm.scale": to_save(t["model.norm.weight"], save),
-    }
-    if not cfg.get("tie_word_embeddings"):
-        leaves[P + "decoder.logits_dense.kernel"] = np.ascontiguousarray(to_save(t["lm_head.weight"], save).T)
-    for param, per_layer in expected_layer_params(name, save).items():
-        if scan:
-            leaves[P + "decoder.layers." + param] = np.stack(per_layer, axis=1)  # MaxText param_scan_axis=1
-        else:
-            for layer, slab in enumerate(per_layer):
-                leaves[P + f"decoder.layers_{layer}." + param] = slab
-    return leaves
 
 
 # --------------------------------------------------------------------------- running the items
@@ -217,7 +145,7 @@ def test_llama_q_proj_at_layer_matches_independent_formula():
 def test_all_leaves_match_independent_reference(name, scan, budget, save):
     plan = plan_for(name, scan, budget, save)
     got = assemble(plan, name)
-    expected = expected_leaves(name, scan, np.dtype(plan.save_dtype))
+    expected = expected_leaves(str(FIXTURES / name), scan, plan.save_dtype)
     assert set(got) == set(expected)
     for param in sorted(expected):
         assert_bits_equal(got[param], expected[param], param)

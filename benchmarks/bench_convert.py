@@ -12,26 +12,13 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import re
 import shutil
-import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from common import CKPTBEAM, timed  # noqa: E402
 from make_llama_checkpoint import make  # noqa: E402
-
-
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of a command, via /usr/bin/time -v."""
-    started = time.perf_counter()
-    result = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if result.returncode:
-        raise SystemExit(f"{cmd} failed:\n{result.stderr[-3000:]}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
-    return wall, rss_kb * 1024
 
 
 def main() -> None:
@@ -51,7 +38,7 @@ def main() -> None:
     os.makedirs(copy_dir)
     cp_wall, _ = timed(["cp", *files, copy_dir])
     rows = [("cp of the safetensors files", cp_wall, None)]
-    exe = [sys.executable, "-m", "pipelines.cli", "convert", "--source", src]
+    exe = [*CKPTBEAM, "--source", src]
     for label, extra in (
         ("ckptbeam convert (FnApiRunner, 1 process)", []),
         (

@@ -7,6 +7,11 @@ Layout (what MaxText's converter writes; see FACTS.md):
     <out>/0/_CHECKPOINT_METADATA, commit_success.txt files, written last.
 Every chunk key is written by exactly one work item (chunks are aligned to item regions), and
 zarr.json files are written once, by the stitch, so databases never overlap.
+
+Output may be local or gs:// (`outdir` is the one place that knows how bytes get there). Locally
+the step is staged as `<out>/0.orbax-checkpoint-tmp-<ts>` and renamed to `<out>/0` last. GCS has
+no rename, so there the step is written in place, as Orbax does on GCS: a `_CKPTBEAM_IN_PROGRESS`
+marker says "ours, unfinished", and the two `commit_success.txt` files are the last writes.
 """
 
 from __future__ import annotations
@@ -14,14 +19,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from collections.abc import Iterable
 
 import numpy as np
 import tensorstore as ts
 
-from ckpt_transforms import dtypes
+from ckpt_transforms import dtypes, outdir
 from ckpt_transforms.plan import ArrayPlan, WorkItem
 
 PROCESS_PREFIX = "ocdbt.process_"
@@ -46,28 +50,31 @@ def shared_context() -> ts.Context:
     return _CONTEXT
 
 
-def _base_spec(directory: str) -> dict:
-    return {"driver": "file", "path": directory.rstrip("/") + "/"}
-
-
 def ocdbt_spec(directory: str) -> dict:
-    """OCDBT kvstore spec as Orbax writes it (non-atomic data files, atomic single-file manifest)."""
-    base = _base_spec(directory)
-    return {
+    """OCDBT kvstore spec as Orbax writes it.
+
+    On a local file system: non-atomic data files plus an atomic single-file manifest. On GCS
+    every object write is atomic already, so one `gcs` base serves both (as in Orbax).
+    """
+    base = outdir.kvstore_spec(directory)
+    spec = {
         "driver": "ocdbt",
-        "base": {**base, "file_io_locking": {"mode": "non_atomic"}},
-        "manifest": base,
+        "base": base,
         "config": {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100_000_000, "manifest_kind": "single"},
         "assume_config": True,
         "target_data_file_size": OCDBT_TARGET_DATA_FILE_SIZE,
         "cache_pool": "cache_pool#ocdbt",
     }
+    if base["driver"] == "file":
+        spec["base"] = {**base, "file_io_locking": {"mode": "non_atomic"}}
+        spec["manifest"] = base
+    return spec
 
 
 def db_dir(items_dir: str, db_id: str) -> str:
     if not _DB_ID.match(db_id):
         raise ValueError(f"OCDBT process id {db_id!r} must be alphanumeric")
-    return os.path.join(items_dir, PROCESS_PREFIX + db_id)
+    return outdir.join(items_dir, PROCESS_PREFIX + db_id)
 
 
 def zarr3_metadata(shape: tuple[int, ...], chunk_shape: tuple[int, ...], dtype: str) -> dict:
@@ -170,10 +177,7 @@ def tree_metadata(arrays: list[ArrayPlan]) -> dict:
 
 
 def _write_json(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    outdir.write_text(path, json.dumps(data))
 
 
 def stitch(items_dir: str, db_ids: list[str], arrays: list[ArrayPlan]) -> dict:
@@ -187,21 +191,21 @@ def stitch(items_dir: str, db_ids: list[str], arrays: list[ArrayPlan]) -> dict:
     started = time.time()
     merge_databases(items_dir, [meta_db] + named)
     merge_seconds = time.time() - started
-    _write_json(os.path.join(items_dir, "_METADATA"), tree_metadata(arrays))
+    _write_json(outdir.join(items_dir, "_METADATA"), tree_metadata(arrays))
     keep = {PROCESS_PREFIX + d for d in named + [meta_db]}
     removed = []
-    for entry in os.listdir(items_dir):
+    for entry in outdir.list_children(items_dir):
         if entry.startswith(PROCESS_PREFIX) and entry not in keep:
-            shutil.rmtree(os.path.join(items_dir, entry), ignore_errors=True)
+            outdir.remove_tree(outdir.join(items_dir, entry))
             removed.append(entry)
     return {"databases": len(named), "merge_seconds": merge_seconds, "removed_leftovers": removed}
 
 
 def commit_step(step_dir: str, custom_metadata: dict) -> None:
-    """Orbax's step-level files; `commit_success.txt` files are what GCS readers wait for."""
+    """Orbax's step-level files; the `commit_success.txt` files, written last, are what GCS readers wait for."""
     now = time.time_ns()
     _write_json(
-        os.path.join(step_dir, "_CHECKPOINT_METADATA"),
+        outdir.join(step_dir, "_CHECKPOINT_METADATA"),
         {
             "item_handlers": {"items": PYTREE_HANDLER},
             "metrics": {},
@@ -210,33 +214,81 @@ def commit_step(step_dir: str, custom_metadata: dict) -> None:
             "custom_metadata": custom_metadata,
         },
     )
-    for d in (os.path.join(step_dir, "items"), step_dir):
-        with open(os.path.join(d, "commit_success.txt"), "w", encoding="utf-8") as f:
-            f.write(f"Checkpoint commit was successful to {d}")
+    if outdir.is_gcs(step_dir):
+        outdir.remove_file(outdir.join(step_dir, IN_PROGRESS_MARK))
+    for d in (outdir.join(step_dir, "items"), step_dir):
+        outdir.write_text(outdir.join(d, COMMIT_FILE), f"Checkpoint commit was successful to {d}")
 
 
 STEP_DIR = "0"
 TMP_MARK = ".orbax-checkpoint-tmp-"
+COMMIT_FILE = "commit_success.txt"
+IN_PROGRESS_MARK = "_CKPTBEAM_IN_PROGRESS"
 
 
 def final_step_dir(output: str) -> str:
-    return os.path.join(output, STEP_DIR)
+    return outdir.join(output, STEP_DIR)
 
 
 def new_staging_dir(output: str) -> str:
-    """Orbax's own temporary-step naming, so Orbax readers ignore it until it is renamed."""
+    """Where this run writes its step.
+
+    Locally: Orbax's own temporary-step naming, so Orbax readers ignore it until it is renamed.
+    On GCS (no rename): the final step directory itself, marked in progress until committed.
+    """
+    if outdir.is_gcs(output):
+        final = final_step_dir(output)
+        outdir.write_text(outdir.join(final, IN_PROGRESS_MARK), f"ckptbeam conversion started at {time.time_ns()}")
+        return final
     return os.path.join(output, f"{STEP_DIR}{TMP_MARK}{time.time_ns()}")
 
 
 def stale_staging_dirs(output: str) -> list[str]:
+    """Leftovers of unfinished runs: temporary steps locally; on GCS an uncommitted step we marked."""
+    if outdir.is_gcs(output):
+        final = final_step_dir(output)
+        committed = outdir.file_exists(outdir.join(final, COMMIT_FILE))
+        ours = outdir.file_exists(outdir.join(final, IN_PROGRESS_MARK))
+        return [final] if ours and not committed else []
     if not os.path.isdir(output):
         return []
     return sorted(os.path.join(output, e) for e in os.listdir(output) if e.startswith(STEP_DIR + TMP_MARK))
 
 
-def publish(staging_dir: str, output: str) -> str:
-    """Atomically make the staged step visible as OUTPUT/0 (one rename on a local file system)."""
+def existing_step_error(output: str) -> str | None:
+    """Why OUTPUT/0 must not be written, or None if it is free (or only our own leftovers)."""
     final = final_step_dir(output)
+    if not outdir.is_gcs(output):
+        return f"{final} already exists; remove it or choose another --output" if os.path.exists(final) else None
+    if outdir.file_exists(outdir.join(final, COMMIT_FILE)):
+        return f"{final} already exists; remove it or choose another --output"
+    if outdir.dir_exists(final) and not outdir.file_exists(outdir.join(final, IN_PROGRESS_MARK)):
+        return (
+            f"{final} already exists but is neither a committed checkpoint nor an unfinished ckptbeam run; "
+            "remove it or choose another --output"
+        )
+    return None
+
+
+def discard_staging(staging_dir: str) -> bool:
+    """Remove a failed run's output; never a committed step (on GCS staging is the final step)."""
+    if outdir.is_gcs(staging_dir):
+        if outdir.file_exists(outdir.join(staging_dir, COMMIT_FILE)):
+            return False
+    elif not os.path.exists(staging_dir):
+        return False
+    outdir.remove_tree(staging_dir)
+    return True
+
+
+def publish(staging_dir: str, output: str) -> str:
+    """Make the staged step visible as OUTPUT/0: one atomic rename locally.
+
+    On GCS the step was written in place and `commit_step` already wrote the commit markers last.
+    """
+    final = final_step_dir(output)
+    if outdir.is_gcs(output):
+        return final
     if os.path.exists(final):
         raise FileExistsError(f"{final} appeared while converting; the new checkpoint stays in {staging_dir}")
     os.rename(staging_dir, final)

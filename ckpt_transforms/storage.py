@@ -6,6 +6,7 @@ with `register_scheme`, so planning and work items never care where bytes live.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -88,19 +89,39 @@ class LocalSource:
 
 
 _SCHEMES: dict[str, Callable[[str], ByteSource]] = {}
+# Schemes whose module registers itself on import. Imported on first use, so every process
+# (a Beam worker unpickling a DoFn included) gets the registration without importing it up front.
+_LAZY_SCHEMES = {"gs": "ckpt_transforms.remote", "hf": "ckpt_transforms.remote"}
 
 
 def register_scheme(scheme: str, factory: Callable[[str], ByteSource]) -> None:
     _SCHEMES[scheme] = factory
 
 
+def _factory(scheme: str, uri: str) -> Callable[[str], ByteSource]:
+    if scheme not in _SCHEMES and scheme in _LAZY_SCHEMES:
+        importlib.import_module(_LAZY_SCHEMES[scheme])
+    if scheme not in _SCHEMES:
+        raise SourceError(f"unsupported source URI scheme {scheme!r} in {uri!r} (use a local path, gs:// or hf://)")
+    return _SCHEMES[scheme]
+
+
 def open_source(uri: str) -> ByteSource:
-    """The ByteSource for a model directory URI (local path or a registered scheme)."""
+    """The ByteSource for a model directory URI: local path, `gs://...`, `hf://org/repo[@rev]`.
+
+    A plain `org/repo[@rev]` that is not an existing local path means a Hugging Face repository.
+    """
     scheme, sep, _ = uri.partition("://")
     if sep:
-        if scheme not in _SCHEMES:
-            raise SourceError(f"unsupported source URI scheme {scheme!r} in {uri!r}")
-        return _SCHEMES[scheme](uri)
+        return _factory(scheme, uri)(uri)
+    if not os.path.exists(uri):
+        from ckpt_transforms.remote import looks_like_repo_id
+
+        if looks_like_repo_id(uri):
+            try:
+                return _factory("hf", uri)("hf://" + uri)
+            except SourceError as e:
+                raise SourceError(f"{e} (and there is no local directory {uri!r})") from None
     return LocalSource(uri)
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import sys
 import time
 
@@ -19,10 +17,10 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
 import model_maps
-from ckpt_transforms import orbax_writer
+from ckpt_transforms import orbax_writer, outdir
 from ckpt_transforms.plan import Plan, build_plan, item_working_bytes
 from ckpt_transforms.safetensors_index import load_source_model
-from ckpt_transforms.storage import open_source
+from ckpt_transforms.storage import ByteSource, open_source
 from pipelines.graph import METRICS_NAMESPACE, ConvertWorkItem, build_pipeline
 from pipelines.options import ConvertOptions, str2bool
 from pipelines.progress import ProgressMonitor
@@ -30,8 +28,8 @@ from pipelines.progress import ProgressMonitor
 log = logging.getLogger("ckptbeam")
 
 
-def make_plan(opts: ConvertOptions) -> Plan:
-    source = load_source_model(open_source(opts.source))
+def make_plan(opts: ConvertOptions, byte_source: ByteSource | None = None) -> Plan:
+    source = load_source_model(byte_source or open_source(opts.source))
     family = model_maps.detect_family(source.config, opts.model)
     return build_plan(source, family.build(source.config), opts.scan_layers, opts.save_dtype, opts.max_item_bytes)
 
@@ -51,14 +49,15 @@ def format_summary(summary: dict) -> str:
 
 
 def _prepare_output(output: str) -> str:
-    final = orbax_writer.final_step_dir(output)
-    if os.path.exists(final):
-        raise FileExistsError(f"{final} already exists; remove it or choose another --output")
+    """Refuse an existing checkpoint, clear our own unfinished leftovers, return where to write."""
+    problem = orbax_writer.existing_step_error(output)
+    if problem:
+        raise FileExistsError(problem)
     for stale in orbax_writer.stale_staging_dirs(output):
         log.info("removing leftovers of an earlier unfinished run: %s", stale)
-        shutil.rmtree(stale, ignore_errors=True)
+        outdir.remove_tree(stale)
     staging = orbax_writer.new_staging_dir(output)
-    os.makedirs(os.path.join(staging, "items"))
+    outdir.make_dirs(outdir.join(staging, "items"))
     return staging
 
 
@@ -83,11 +82,12 @@ def run(argv: list[str] | None = None, convert_fn: type[ConvertWorkItem] = Conve
     opts = options.view_as(ConvertOptions)
     if not opts.source or not opts.output:
         raise SystemExit("ckptbeam convert: --source and --output are required")
-    output = os.path.abspath(opts.output)
+    output = outdir.normalize(opts.output)
     started = time.time()
-    plan = make_plan(opts)
+    source = open_source(opts.source)  # hf://: resolves the revision to one commit, here, once
+    plan = make_plan(opts, source)
     summary = plan.summary()
-    print(f"ckptbeam plan for {opts.source}:\n{format_summary(summary)}", flush=True)
+    print(f"ckptbeam plan for {source.uri}:\n{format_summary(summary)}", flush=True)
     if plan.unused_source_keys:
         print(
             f"  known extras    {len(plan.unused_source_keys)} source tensor(s) not converted, e.g. {plan.unused_source_keys[0]}"
@@ -96,15 +96,15 @@ def run(argv: list[str] | None = None, convert_fn: type[ConvertWorkItem] = Conve
         return summary
     staging = _prepare_output(output)
     try:
-        with ProgressMonitor(os.path.join(staging, "items"), len(plan.items), summary["bytes_written"]):
+        with ProgressMonitor(outdir.join(staging, "items"), len(plan.items), summary["bytes_written"]):
             p = beam.Pipeline(options=options)
-            build_pipeline(p, plan, opts.source, staging, output, opts.item_attempts, convert_fn)
+            # Workers open the pinned URI (hf://org/repo@<commit>), so all read the same files.
+            build_pipeline(p, plan, source.uri, staging, output, opts.item_attempts, convert_fn)
             result = p.run()
             result.wait_until_finish()
     except BaseException:
-        if os.path.exists(staging):
+        if orbax_writer.discard_staging(staging):
             log.error("conversion failed; nothing was published at %s (staging %s removed)", output, staging)
-            shutil.rmtree(staging, ignore_errors=True)
         raise
     elapsed = time.time() - started
     counters = {
@@ -114,7 +114,7 @@ def run(argv: list[str] | None = None, convert_fn: type[ConvertWorkItem] = Conve
     summary.update(
         seconds=round(elapsed, 3),
         mb_per_s=round(summary["bytes_written"] / 1e6 / max(elapsed, 1e-9), 2),
-        output=os.path.join(output, orbax_writer.STEP_DIR, "items"),
+        output=outdir.join(output, orbax_writer.STEP_DIR, "items"),
         runner=options.view_as(StandardOptions).runner,
         metrics=counters,
         largest_item_working_bytes=max((item_working_bytes(i) for i in plan.items), default=0),

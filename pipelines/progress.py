@@ -1,7 +1,7 @@
 """Launcher-side progress: watch committed per-item databases appear in the staging directory.
 
 Works whatever the runner, because every finished work item leaves exactly one committed OCDBT
-database (its manifest) under the checkpoint directory.
+database (its manifest) under the checkpoint directory, local or gs://.
 """
 
 from __future__ import annotations
@@ -11,12 +11,18 @@ import os
 import threading
 import time
 
+from ckpt_transforms import outdir
 from ckpt_transforms.orbax_writer import PROCESS_PREFIX
 
 log = logging.getLogger("ckptbeam")
 
 
 def count_committed_databases(items_dir: str) -> int:
+    """Per-item databases whose manifest exists (a database is committed once its manifest is)."""
+    if outdir.is_gcs(items_dir):
+        # One listing of the ocdbt.process_* keys instead of one request per database.
+        keys = outdir.list_files(items_dir, prefix=PROCESS_PREFIX)
+        return sum(1 for k in keys if k.count("/") == 1 and k.endswith("/manifest.ocdbt"))
     try:
         entries = os.listdir(items_dir)
     except FileNotFoundError:

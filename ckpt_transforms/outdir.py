@@ -1,0 +1,160 @@
+"""The one place that knows how output bytes reach a directory: local file system or gs://.
+
+Checkpoint data goes through TensorStore (OCDBT over the kvstore spec from `kvstore_spec`); the
+few small files around it (_METADATA, _CHECKPOINT_METADATA, commit markers) and the housekeeping
+(listing leftovers, removing a failed run's output) go through the functions here. Local paths
+use the file system directly (atomic rename for files); gs:// paths use TensorStore's `gcs`
+kvstore, the same client the OCDBT writes use, so one set of credentials and one endpoint
+(`TENSORSTORE_GCS_HTTP_URL` for an emulator) serve every write.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+
+import tensorstore as ts
+
+GCS_SCHEME = "gs://"
+
+
+def is_gcs(path: str) -> bool:
+    return path.startswith(GCS_SCHEME)
+
+
+def split_gcs(path: str) -> tuple[str, str]:
+    """'gs://bucket/a/b/' -> ('bucket', 'a/b'); the bucket must be named."""
+    bucket, _, key = path[len(GCS_SCHEME) :].partition("/")
+    if not bucket:
+        raise ValueError(f"{path!r} names no bucket (expected gs://BUCKET/PATH)")
+    return bucket, key.strip("/")
+
+
+def normalize(path: str) -> str:
+    """An output location as used everywhere else: absolute local path, or gs://bucket/path.
+
+    Other URI schemes are refused here, before anything is written.
+    """
+    if is_gcs(path):
+        bucket, key = split_gcs(path)
+        return f"{GCS_SCHEME}{bucket}/{key}" if key else f"{GCS_SCHEME}{bucket}"
+    scheme, sep, _ = path.partition("://")
+    if sep:
+        raise ValueError(f"unsupported output URI scheme {scheme!r} in {path!r} (use a local path or gs://)")
+    return os.path.abspath(path)
+
+
+def join(path: str, *parts: str) -> str:
+    return posixpath.join(path, *parts) if is_gcs(path) else os.path.join(path, *parts)
+
+
+def kvstore_spec(directory: str) -> dict:
+    """TensorStore kvstore spec of a directory (trailing slash: TensorStore joins keys to it)."""
+    if is_gcs(directory):
+        bucket, key = split_gcs(directory)
+        return {"driver": "gcs", "bucket": bucket, "path": key + "/" if key else ""}
+    return {"driver": "file", "path": directory.rstrip("/") + "/"}
+
+
+def _gcs_kvstore(directory: str) -> ts.KvStore:
+    return ts.KvStore.open(kvstore_spec(directory)).result()
+
+
+def _prefix_range(prefix: str) -> ts.KvStore.KeyRange:
+    """All keys starting with `prefix` (the empty prefix is every key)."""
+    if not prefix:
+        return ts.KvStore.KeyRange()
+    return ts.KvStore.KeyRange(inclusive_min=prefix, exclusive_max=prefix[:-1] + chr(ord(prefix[-1]) + 1))
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a small file whole: atomic rename locally, one object upload on GCS."""
+    data = text.encode("utf-8")
+    if is_gcs(path):
+        parent, name = posixpath.split(path)
+        _gcs_kvstore(parent).write(name, data).result()
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def read_text(path: str) -> str | None:
+    """A small file's text, or None if it does not exist."""
+    if is_gcs(path):
+        parent, name = posixpath.split(path)
+        result = _gcs_kvstore(parent).read(name).result()
+        return result.value.decode("utf-8") if result.state == "value" else None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def file_exists(path: str) -> bool:
+    if is_gcs(path):
+        return read_text(path) is not None
+    return os.path.isfile(path)
+
+
+def list_files(directory: str, prefix: str = "") -> list[str]:
+    """Every file under `directory` whose relative path starts with `prefix` (recursive, '/'-separated)."""
+    if is_gcs(directory):
+        keys = _gcs_kvstore(directory).list(_prefix_range(prefix)).result()
+        return sorted(k.decode("utf-8") for k in keys)
+    found = []
+    for root, _, files in os.walk(directory):
+        rel_root = os.path.relpath(root, directory)
+        for f in files:
+            rel = f if rel_root == "." else posixpath.join(rel_root.replace(os.sep, "/"), f)
+            if rel.startswith(prefix):
+                found.append(rel)
+    return sorted(found)
+
+
+def dir_exists(directory: str) -> bool:
+    """Locally: a directory. On GCS (no directories): at least one object under `directory/`."""
+    if is_gcs(directory):
+        return bool(list_files(directory))
+    return os.path.isdir(directory)
+
+
+def list_children(directory: str) -> list[str]:
+    """Names of the entries directly inside `directory` (on GCS: first components of object names)."""
+    if is_gcs(directory):
+        return sorted({k.split("/", 1)[0] for k in list_files(directory)})
+    try:
+        return sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+
+
+def remove_tree(directory: str) -> None:
+    """Delete `directory` and everything under it (best effort locally, like `rm -rf`)."""
+    if is_gcs(directory):
+        if not split_gcs(directory)[1]:
+            raise ValueError(f"refusing to delete a whole bucket ({directory})")
+        _gcs_kvstore(directory).delete_range(ts.KvStore.KeyRange()).result()
+        return
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def remove_file(path: str) -> None:
+    """Delete one file if it exists."""
+    if is_gcs(path):
+        parent, name = posixpath.split(path)
+        _gcs_kvstore(parent).write(name, None).result()
+        return
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def make_dirs(directory: str) -> None:
+    """Create a local directory tree; GCS has no directories, so nothing to do there."""
+    if not is_gcs(directory):
+        os.makedirs(directory)

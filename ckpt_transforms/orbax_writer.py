@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterable
 
@@ -281,15 +282,32 @@ def discard_staging(staging_dir: str) -> bool:
     return True
 
 
-def publish(staging_dir: str, output: str) -> str:
+def publish(staging_dir: str, output: str, replace: bool = False) -> str:
     """Make the staged step visible as OUTPUT/0: one atomic rename locally.
 
-    On GCS the step was written in place and `commit_step` already wrote the commit markers last.
+    With `replace`, a committed OUTPUT/0 is first renamed aside (to a temporary-step name, so it
+    is cleared like any leftover) and removed after the new step is in place: a reader sees the
+    old checkpoint or the new one, never a mix. On GCS the step was written in place and
+    `commit_step` already wrote the commit markers last.
     """
     final = final_step_dir(output)
     if outdir.is_gcs(output):
         return final
+    retired = None
     if os.path.exists(final):
-        raise FileExistsError(f"{final} appeared while converting; the new checkpoint stays in {staging_dir}")
+        if not replace:
+            raise FileExistsError(f"{final} appeared while converting; the new checkpoint stays in {staging_dir}")
+        retired = os.path.join(output, f"{STEP_DIR}{TMP_MARK}replaced-{time.time_ns()}")
+        os.rename(final, retired)
     os.rename(staging_dir, final)
+    if retired:
+        shutil.rmtree(retired, ignore_errors=True)
     return final
+
+
+def is_committed(output: str) -> bool:
+    """Whether OUTPUT/0 is a finished checkpoint (locally it exists only after the final rename)."""
+    final = final_step_dir(output)
+    if outdir.is_gcs(output):
+        return outdir.file_exists(outdir.join(final, COMMIT_FILE))
+    return os.path.isdir(final)

@@ -19,6 +19,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 import model_maps
 from ckpt_transforms import orbax_writer, outdir
 from ckpt_transforms.plan import Plan, build_plan, item_working_bytes
+from ckpt_transforms.provenance import PROVENANCE_FILE, differences, provenance_record
 from ckpt_transforms.safetensors_index import load_source_model
 from ckpt_transforms.storage import ByteSource, open_source
 from pipelines.graph import METRICS_NAMESPACE, ConvertWorkItem, build_pipeline
@@ -28,29 +29,73 @@ from pipelines.progress import ProgressMonitor
 log = logging.getLogger("ckptbeam")
 
 
-def make_plan(opts: ConvertOptions, byte_source: ByteSource | None = None) -> Plan:
+def make_plan(opts: ConvertOptions, byte_source: ByteSource | None = None) -> tuple[Plan, dict]:
+    """The plan and the provenance record of this conversion, from headers only."""
     source = load_source_model(byte_source or open_source(opts.source))
     family = model_maps.detect_family(source.config, opts.model)
-    return build_plan(source, family.build(source.config), opts.scan_layers, opts.save_dtype, opts.max_item_bytes)
+    plan = build_plan(source, family.build(source.config), opts.scan_layers, opts.save_dtype, opts.max_item_bytes)
+    layout = {
+        "scan_layers": opts.scan_layers,
+        "save_dtype": opts.save_dtype,
+        "max_item_bytes": opts.max_item_bytes,  # decides chunk shapes
+    }
+    return plan, provenance_record(source, family.name, model_maps.MAP_VERSION, layout)
+
+
+def _existing_checkpoint(output: str, provenance: dict, force: bool) -> tuple[bool, list[str]]:
+    """(replace, reasons) for OUTPUT/0; reasons == [] with replace False means up to date.
+
+    A committed checkpoint made from the same inputs is kept (unless --force). One made from other
+    inputs is replaced after the new one commits. One without a ckptbeam record is never touched
+    unless --force. On GCS there is no atomic swap, so replacing needs --force there too.
+    """
+    if not orbax_writer.is_committed(output):
+        return False, ["no committed checkpoint"]
+    final = orbax_writer.final_step_dir(output)
+    text = outdir.read_text(outdir.join(final, PROVENANCE_FILE))
+    old = json.loads(text) if text else None
+    reasons = differences(old, provenance)
+    if not reasons and not force:
+        return False, []
+    if old is None and not force:
+        raise FileExistsError(f"{final} exists and was not made by ckptbeam; use --force to replace it")
+    reasons = reasons or ["--force"]
+    if outdir.is_gcs(output):
+        if not force:
+            raise FileExistsError(
+                f"{final} was made from other inputs ({'; '.join(reasons)}); on gs:// it cannot be replaced "
+                "atomically: rerun with --force to delete and rewrite it"
+            )
+        outdir.remove_tree(final)
+        return False, reasons
+    return True, reasons
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
 
 
 def format_summary(summary: dict) -> str:
-    mb = 1e6
+    hb = human_bytes
     return "\n".join(
         [
             f"  family          {summary['family']} (scan_layers={summary['scan_layers']}, save_dtype={summary['save_dtype']})",
             f"  params          {summary['params']}",
-            f"  work items      {summary['work_items']} (largest {summary['largest_item_bytes'] / mb:.2f} MB: {summary['largest_item']}; "
-            f"budget {summary['max_item_bytes'] / mb:.0f} MB)",
-            f"  bytes read      {summary['bytes_read'] / mb:.2f} MB",
-            f"  bytes written   {summary['bytes_written'] / mb:.2f} MB (before compression)",
+            f"  work items      {summary['work_items']} (largest {hb(summary['largest_item_bytes'])}: "
+            f"{summary['largest_item']}; budget {hb(summary['max_item_bytes'])})",
+            f"  bytes read      {hb(summary['bytes_read'])}",
+            f"  bytes written   {hb(summary['bytes_written'])} (before compression)",
         ]
     )
 
 
-def _prepare_output(output: str) -> str:
-    """Refuse an existing checkpoint, clear our own unfinished leftovers, return where to write."""
-    problem = orbax_writer.existing_step_error(output)
+def _prepare_output(output: str, replace: bool = False) -> str:
+    """Refuse an existing checkpoint (unless replacing it), clear our own unfinished leftovers."""
+    problem = None if replace else orbax_writer.existing_step_error(output)
     if problem:
         raise FileExistsError(problem)
     for stale in orbax_writer.stale_staging_dirs(output):
@@ -85,7 +130,7 @@ def run(argv: list[str] | None = None, convert_fn: type[ConvertWorkItem] = Conve
     output = outdir.normalize(opts.output)
     started = time.time()
     source = open_source(opts.source)  # hf://: resolves the revision to one commit, here, once
-    plan = make_plan(opts, source)
+    plan, provenance = make_plan(opts, source)
     summary = plan.summary()
     print(f"ckptbeam plan for {source.uri}:\n{format_summary(summary)}", flush=True)
     if plan.unused_source_keys:
@@ -94,13 +139,28 @@ def run(argv: list[str] | None = None, convert_fn: type[ConvertWorkItem] = Conve
         )
     if str2bool(str(options.view_as(TestOptions).dry_run)):
         return summary
-    staging = _prepare_output(output)
+    replace, reasons = _existing_checkpoint(output, provenance, opts.force)
+    if not reasons:
+        print(f"ckptbeam: {orbax_writer.final_step_dir(output)} is up to date (same inputs and options); nothing to do")
+        return {**summary, "up_to_date": True}
+    if replace:
+        print(f"ckptbeam: re-converting; {orbax_writer.final_step_dir(output)} is replaced after commit because: "
+              + "; ".join(reasons))  # fmt: skip
+    staging = _prepare_output(output, replace)
+    runner = options.view_as(StandardOptions).runner or ""
     try:
         with ProgressMonitor(outdir.join(staging, "items"), len(plan.items), summary["bytes_written"]):
             p = beam.Pipeline(options=options)
             # Workers open the pinned URI (hf://org/repo@<commit>), so all read the same files.
-            build_pipeline(p, plan, source.uri, staging, output, opts.item_attempts, convert_fn)
+            build_pipeline(
+                p, plan, source.uri, staging, output, opts.item_attempts, convert_fn, provenance, replace
+            )  # fmt: skip
             result = p.run()
+            if runner.endswith("DataflowRunner"):
+                # Flex Template launchers must return once the job is submitted; the stitch and the
+                # commit run inside the job.
+                print(f"ckptbeam: Dataflow job submitted; the checkpoint appears at {output}/0 when it commits")
+                return {**summary, "submitted": True}
             result.wait_until_finish()
     except BaseException:
         if orbax_writer.discard_staging(staging):

@@ -5,6 +5,7 @@ Kept apart from the launcher (`pipelines.convert`) so DoFns pickle by module pat
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -16,9 +17,10 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from ckpt_transforms import orbax_writer
+from ckpt_transforms import orbax_writer, outdir
 from ckpt_transforms.convert_item import build_region
 from ckpt_transforms.plan import ArrayPlan, Plan, WorkItem
+from ckpt_transforms.provenance import PROVENANCE_FILE
 from ckpt_transforms.storage import open_source
 
 log = logging.getLogger("ckptbeam")
@@ -94,12 +96,23 @@ class ConvertWorkItem(beam.DoFn):
 class StitchAndCommit(beam.DoFn):
     """Merge the databases named by records, write Orbax metadata, commit and publish last."""
 
-    def __init__(self, staging_dir: str, output: str, arrays: list[ArrayPlan], item_ids: list[int], custom: dict):
+    def __init__(
+        self,
+        staging_dir: str,
+        output: str,
+        arrays: list[ArrayPlan],
+        item_ids: list[int],
+        custom: dict,
+        provenance: dict | None = None,
+        replace: bool = False,
+    ):
         self.staging_dir = staging_dir
         self.output = output
         self.arrays = arrays
         self.item_ids = item_ids
         self.custom = custom
+        self.provenance = provenance
+        self.replace = replace
 
     def process(self, records):
         by_item: dict[int, WrittenRecord] = {}
@@ -112,8 +125,10 @@ class StitchAndCommit(beam.DoFn):
             )
         items_dir = os.path.join(self.staging_dir, "items")
         stats = orbax_writer.stitch(items_dir, [r.db_id for r in by_item.values()], self.arrays)
+        if self.provenance is not None:
+            outdir.write_text(outdir.join(self.staging_dir, PROVENANCE_FILE), json.dumps(self.provenance, indent=1))
         orbax_writer.commit_step(self.staging_dir, self.custom)
-        final = orbax_writer.publish(self.staging_dir, self.output)
+        final = orbax_writer.publish(self.staging_dir, self.output, self.replace)
         log.info("stitched %d databases in %.3f s; published %s", stats["databases"], stats["merge_seconds"], final)
         yield {"final": final, **stats}
 
@@ -126,6 +141,8 @@ def build_pipeline(
     output: str,
     attempts: int = 3,
     convert_fn: type[ConvertWorkItem] = ConvertWorkItem,
+    provenance: dict | None = None,
+    replace: bool = False,
 ) -> beam.PCollection:
     """The Beam graph over a plan; `convert_fn` lets tests inject faults into the worker step."""
     items_dir = os.path.join(staging_dir, "items")
@@ -140,5 +157,9 @@ def build_pipeline(
         records
         | "CollectRecords" >> beam.combiners.ToList()
         | "StitchAndCommit"
-        >> beam.ParDo(StitchAndCommit(staging_dir, output, plan.arrays, [i.item_id for i in plan.items], custom))
+        >> beam.ParDo(
+            StitchAndCommit(
+                staging_dir, output, plan.arrays, [i.item_id for i in plan.items], custom, provenance, replace
+            )
+        )
     )

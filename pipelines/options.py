@@ -73,6 +73,14 @@ class ConvertOptions(PipelineOptions):
             help="Memory budget of one work item (region buffer + one slab in flight); e.g. 256MiB",
         )
         parser.add_argument(
+            "--force",
+            type=str2bool,
+            nargs="?",
+            const=True,
+            default=False,
+            help="Re-convert even if OUTPUT/0 is up to date, and replace a checkpoint ckptbeam did not make",
+        )
+        parser.add_argument(
             "--item_attempts",
             type=int,
             default=3,

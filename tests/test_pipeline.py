@@ -89,11 +89,12 @@ def test_dry_run_writes_nothing(out_dir, capsys):
     assert "work items" in capsys.readouterr().out
 
 
-def test_existing_checkpoint_is_not_overwritten(out_dir):
+def test_existing_checkpoint_is_never_overwritten_by_other_inputs_without_a_record(out_dir):
     import pytest
 
     convert(SHARDED, out_dir)
+    os.remove(os.path.join(out_dir, "0", "ckptbeam_provenance.json"))  # as if another tool wrote it
     before = sorted(os.listdir(os.path.join(out_dir, "0", "items")))
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(FileExistsError, match="not made by ckptbeam"):
         convert(SHARDED, out_dir)
     assert sorted(os.listdir(os.path.join(out_dir, "0", "items"))) == before

@@ -197,9 +197,13 @@ def test_unnamed_database_on_gcs_is_removed(gcs, proxy, tmp_path):
 def test_existing_gcs_checkpoint_is_kept_and_unfinished_runs_are_cleared(gcs, proxy, tmp_path):
     convert(_source(SINGLE), "gs://ckpts/again")
     before = _objects(gcs, "again/")
-    with pytest.raises(FileExistsError, match="already exists"):
-        convert(_source(SINGLE), "gs://ckpts/again")
+    assert convert(_source(SINGLE), "gs://ckpts/again")["up_to_date"] is True  # same inputs: nothing to do
     assert _objects(gcs, "again/") == before
+    with pytest.raises(FileExistsError, match="cannot be replaced atomically: rerun with --force"):
+        convert(_source(SINGLE), "gs://ckpts/again", "--scan_layers=false")
+    assert _objects(gcs, "again/") == before
+    convert(_source(SINGLE), "gs://ckpts/again", "--scan_layers=false", "--force")
+    _assert_matches_reference(_download(gcs, "again", tmp_path / "a"), SINGLE, scan=False)
 
     # a crashed run of ours: marker, a half-written database, no commit marker -> cleared, redone
     bucket = gcs.client.bucket("ckpts")

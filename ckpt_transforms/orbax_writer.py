@@ -44,6 +44,13 @@ def ts_context() -> ts.Context:
 _CONTEXT: ts.Context | None = None
 
 
+def reset_shared_context() -> None:
+    """Forget cached OCDBT manifests and nodes: a run that rewrites a location in place (gs://
+    with --force) must not see the b-tree of the checkpoint it deleted."""
+    global _CONTEXT
+    _CONTEXT = None
+
+
 def shared_context() -> ts.Context:
     global _CONTEXT
     if _CONTEXT is None:

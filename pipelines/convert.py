@@ -128,6 +128,7 @@ def run(argv: list[str] | None = None, convert_fn: type[ConvertWorkItem] = Conve
     if not opts.source or not opts.output:
         raise SystemExit("ckptbeam convert: --source and --output are required")
     output = outdir.normalize(opts.output)
+    orbax_writer.reset_shared_context()
     started = time.time()
     source = open_source(opts.source)  # hf://: resolves the revision to one commit, here, once
     plan, provenance = make_plan(opts, source)

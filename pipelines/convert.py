@@ -66,6 +66,12 @@ def _existing_checkpoint(output: str, provenance: dict, force: bool) -> tuple[bo
                 f"{final} was made from other inputs ({'; '.join(reasons)}); on gs:// it cannot be replaced "
                 "atomically: rerun with --force to delete and rewrite it"
             )
+        # Commit markers first: from then on readers see no checkpoint, never a half-deleted one.
+        for marker in (
+            outdir.join(final, orbax_writer.COMMIT_FILE),
+            outdir.join(final, "items", orbax_writer.COMMIT_FILE),
+        ):
+            outdir.remove_file(marker)
         outdir.remove_tree(final)
         return False, reasons
     return True, reasons

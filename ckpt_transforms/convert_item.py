@@ -2,6 +2,12 @@
 
 Order of casts follows MaxText's converter exactly: each HF tensor is cast to the save dtype
 first, then the op chain runs (ops that scale compute in float32 and round back).
+
+A quantized slab (weight + scale rows) is first combined by the chain's Decode op, which
+computes in float32 and rounds once to bf16 -- what MaxText's standalone dequantize scripts
+write to disk before its converter reads them -- and only then cast to the save dtype. So a
+float32 save of an FP8 source holds the same bf16-rounded values MaxText's two-step pipeline
+gives, in one pass and with no intermediate copy on disk.
 """
 
 from __future__ import annotations
@@ -9,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ckpt_transforms import dtypes
-from ckpt_transforms.ops import apply_chain
+from ckpt_transforms.ops import apply_chain, split_decode
 from ckpt_transforms.plan import Slab, WorkItem
 from ckpt_transforms.safetensors_index import TensorInfo
 from ckpt_transforms.storage import ByteSource
@@ -26,10 +32,17 @@ def cast_to_save_dtype(x: np.ndarray, save_dtype: np.dtype) -> np.ndarray:
     return x if x.dtype == save_dtype else x.astype(save_dtype)
 
 
+def read_tensor(info: TensorInfo, source: ByteSource) -> np.ndarray:
+    return decode(source.read_range(info.file, info.offset, info.length), info)
+
+
 def slab_value(slab: Slab, item: WorkItem, source: ByteSource) -> np.ndarray:
-    raw = source.read_range(slab.source.file, slab.source.offset, slab.source.length)
-    x = cast_to_save_dtype(decode(raw, slab.source), np.dtype(item.save_dtype))
-    return apply_chain(x, item.ops)
+    decoder, ops = split_decode(item.ops)
+    if decoder is None:
+        x = read_tensor(slab.source, source)
+    else:
+        x = decoder.apply_inputs(read_tensor(slab.source, source), *(read_tensor(a, source) for a in slab.aux))
+    return apply_chain(cast_to_save_dtype(x, np.dtype(item.save_dtype)), ops)
 
 
 def dest_index(dest: tuple) -> tuple:

@@ -4,6 +4,10 @@ An op chain is applied to one source tensor (one layer, one expert) after it has
 the save dtype, exactly the order MaxText's converter uses, so results are bit-identical.
 The same chain read backwards (`invert_chain`) serves MaxText -> Hugging Face.
 
+A chain may start with a `Decode` op that combines several source tensors (a quantized weight
+and its scales) into one array; it runs before the cast, like MaxText's standalone dequantize
+scripts run before its converter.
+
 Ops also say where a source axis lands (`map_axis`), so the planner can cut a huge source tensor
 into contiguous row ranges and still know which target region each range fills.
 """
@@ -14,7 +18,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
+
+from ckpt_transforms import quant
 
 
 class Op:
@@ -204,6 +211,215 @@ class TruncateAxis(Op):
 
     def map_axis(self, axis: int, ndim: int) -> int | None:
         return None if axis == self.axis % ndim else axis
+
+
+@dataclass(frozen=True)
+class TakeEvery(Op):
+    """Every `step`-th entry of `axis` from `start` (a fused tensor's even/odd half).
+
+    MaxText splits GPT-OSS's fused gate_up_proj into wi_0 = [..., ::2] and wi_1 = [..., 1::2];
+    each half is its own target, so the fused tensor is read once per half.
+    """
+
+    axis: int
+    start: int
+    step: int
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        index = [slice(None)] * x.ndim
+        index[self.axis] = slice(self.start, None, self.step)
+        return x[tuple(index)]
+
+    def inverse(self) -> Op:
+        return PutEvery(self.axis, self.start, self.step)
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        ax = self.axis % len(shape)
+        n = max(0, math.ceil((shape[ax] - self.start) / self.step))
+        return shape[:ax] + (n,) + shape[ax + 1 :]
+
+    def map_axis(self, axis: int, ndim: int) -> int | None:
+        return None if axis == self.axis % ndim else axis
+
+
+@dataclass(frozen=True)
+class PutEvery(Op):
+    """Spread `axis` to positions start, start+step, ... of a `step`-times longer zero array.
+
+    Inverse of TakeEvery: the halves of a fused tensor, each put back, sum to the whole.
+    """
+
+    axis: int
+    start: int
+    step: int
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        ax = self.axis % x.ndim
+        out = np.zeros(x.shape[:ax] + (x.shape[ax] * self.step,) + x.shape[ax + 1 :], x.dtype)
+        index = [slice(None)] * x.ndim
+        index[ax] = slice(self.start, None, self.step)
+        out[tuple(index)] = x
+        return out
+
+    def inverse(self) -> Op:
+        return TakeEvery(self.axis, self.start, self.step)
+
+    def map_axis(self, axis: int, ndim: int) -> int | None:
+        return None if axis == self.axis % ndim else axis
+
+
+class Decode(Op):
+    """First op of a chain that reads several source tensors (weight + scales) and returns one
+    array already rounded to `out_dtype`; the executor then casts to the save dtype.
+
+    `input_dtypes[i]` lists the safetensors dtypes accepted for input i (the plan checks them).
+    `scratch_bytes` is the decoder's own peak memory for `n` output elements (the plan's budget).
+    """
+
+    input_dtypes: tuple[tuple[str, ...], ...] = ()
+    out_dtype: str = "bfloat16"
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        raise TypeError(f"{type(self).__name__} combines {len(self.input_dtypes)} source tensors; use apply_inputs")
+
+    def apply_inputs(self, *inputs: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def scratch_bytes(self, n: int) -> int:
+        raise NotImplementedError
+
+    def _out(self) -> np.dtype:
+        return np.dtype(ml_dtypes.bfloat16) if self.out_dtype == "bfloat16" else np.dtype(self.out_dtype)
+
+    def _round(self, x: np.ndarray) -> np.ndarray:
+        return x.astype(self._out())
+
+
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
+FP8_SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0", "U8")
+
+
+@dataclass(frozen=True)
+class RoundOnce(Decode):
+    """An unquantized tensor of a quantized checkpoint, rounded to `out_dtype` first.
+
+    MaxText's dequantize scripts rewrite every tensor they do not dequantize in bf16
+    (deepseek_dequantize.py: `tensor.to(torch.bfloat16)`; dequantize_mxfp4.py: to its target
+    dtype), so e.g. DeepSeek's float32 router bias reaches the converter already rounded.
+    """
+
+    out_dtype: str = "bfloat16"
+    input_dtypes = (FLOAT_DTYPES,)
+
+    def apply_inputs(self, *inputs: np.ndarray) -> np.ndarray:
+        (x,) = inputs
+        return self._round(x)
+
+    def scratch_bytes(self, n: int) -> int:
+        return n * self._out().itemsize
+
+    def inverse(self) -> Op:
+        return self  # the other direction writes the rounded values as they are
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape)
+
+    def map_axis(self, axis: int, ndim: int) -> int | None:
+        return axis
+
+
+@dataclass(frozen=True)
+class DequantFP8(Decode):
+    """(float8_e4m3fn weight [M, N], scale_inv [ceil(M/bm), ceil(N/bn)]) -> weight in out_dtype.
+
+    float32 product rounded once (MaxText's deepseek_dequantize.py: `(x * s).to(bfloat16)`).
+    """
+
+    block: tuple[int, int]
+    out_dtype: str = "bfloat16"
+    input_dtypes = (("F8_E4M3",), FP8_SCALE_DTYPES)
+
+    def apply_inputs(self, *inputs: np.ndarray) -> np.ndarray:
+        w, scale = inputs
+        return self._round(quant.dequantize_fp8(w, scale, self.block))
+
+    def scratch_bytes(self, n: int) -> int:
+        # float32 product, rounded copy
+        return n * (4 + self._out().itemsize)
+
+    def inverse(self) -> Op:
+        return QuantizeFP8(self.block)
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape)
+
+    def map_axis(self, axis: int, ndim: int) -> int | None:
+        return axis
+
+
+@dataclass(frozen=True)
+class QuantizeFP8(Op):
+    """Inverse of DequantFP8: a [M, N] array -> (e4m3 weight, float32 scale_inv grid)."""
+
+    block: tuple[int, int]
+
+    def apply(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[override]
+        return quant.quantize_fp8(x, self.block)
+
+    def inverse(self) -> Op:
+        return DequantFP8(self.block)
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape)
+
+
+@dataclass(frozen=True)
+class DequantMXFP4(Decode):
+    """(e2m1 blocks [..., G, 16] uint8, e8m0 scales [..., G] uint8) -> [..., G*32] in out_dtype.
+
+    Every MXFP4 value is exact in float32 and in bf16 (MaxText's dequantize_mxfp4.py).
+    """
+
+    out_dtype: str = "bfloat16"
+    input_dtypes = (("U8",), ("U8", "F8_E8M0"))
+
+    def apply_inputs(self, *inputs: np.ndarray) -> np.ndarray:
+        blocks, scales = inputs
+        return self._round(quant.dequantize_mxfp4(blocks, scales))
+
+    def scratch_bytes(self, n: int) -> int:
+        # unpacked codes (1 B), float32 values (4 B), rounded copy
+        return n * (1 + 4 + self._out().itemsize)
+
+    def inverse(self) -> Op:
+        return QuantizeMXFP4()
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape[:-2]) + (shape[-2] * shape[-1] * 2,)
+
+    def map_axis(self, axis: int, ndim: int) -> int | None:
+        return axis if axis < ndim - 2 else None
+
+
+@dataclass(frozen=True)
+class QuantizeMXFP4(Op):
+    """Inverse of DequantMXFP4: [..., K] -> (blocks [..., K/32, 16], scales [..., K/32])."""
+
+    def apply(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[override]
+        return quant.quantize_mxfp4(x)
+
+    def inverse(self) -> Op:
+        return DequantMXFP4()
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape[:-1]) + (shape[-1] // quant.MXFP4_GROUP, quant.MXFP4_GROUP // 2)
+
+
+def split_decode(ops: Sequence[Op]) -> tuple[Decode | None, tuple[Op, ...]]:
+    """(the chain's leading Decode op or None, the ops that follow it)."""
+    if ops and isinstance(ops[0], Decode):
+        return ops[0], tuple(ops[1:])
+    return None, tuple(ops)
 
 
 def apply_chain(x: np.ndarray, ops: Sequence[Op]) -> np.ndarray:

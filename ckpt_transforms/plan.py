@@ -3,6 +3,9 @@
 A plan is a list of work items. Each names one region of one target array (a union of whole
 zarr3 chunks, so no two items ever write the same chunk), the exact source byte ranges that
 fill it, and the op chain. Items are sized so their working set stays under `max_item_bytes`.
+
+A slab may read further tensors next to its main one (`Slab.aux`, e.g. an FP8 weight's
+scale_inv rows): a quantized source is dequantized inside the work item, in one pass.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ckpt_transforms import dtypes
-from ckpt_transforms.ops import Op, chain_map_axis
+from ckpt_transforms.ops import Op, chain_map_axis, split_decode
 from ckpt_transforms.safetensors_index import SourceModel, TensorInfo
 from ckpt_transforms.specs import ModelMap, TargetParam, expand_targets
 
@@ -32,11 +35,17 @@ class Slab:
     """One source read, transformed by the op chain, placed at `dest` inside the item's region.
 
     `dest` has one entry per target axis: an int (a stack axis, dropped on assignment) or a
-    (start, stop) pair local to the region.
+    (start, stop) pair local to the region. `aux` are further reads the chain's Decode op
+    combines with `source` (e.g. the scale rows matching the weight rows).
     """
 
     source: TensorInfo
     dest: tuple[int | tuple[int, int], ...]
+    aux: tuple[TensorInfo, ...] = ()
+
+    @property
+    def bytes_read(self) -> int:
+        return self.source.length + sum(a.length for a in self.aux)
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,7 @@ class WorkItem:
 
     @property
     def bytes_read(self) -> int:
-        return sum(s.source.length for s in self.slabs)
+        return sum(s.bytes_read for s in self.slabs)
 
     @property
     def bytes_written(self) -> int:
@@ -99,15 +108,32 @@ class Plan:
         }
 
 
-def slab_working_bytes(source_bytes: int, target_bytes: int) -> int:
-    """Peak bytes to turn one source read into a target slab: raw bytes, cast copy, op output."""
-    return source_bytes + 2 * target_bytes
+def slab_working_bytes(
+    source_bytes: int, target_bytes: int, decode_bytes: int = 0, cast_bytes: int | None = None
+) -> int:
+    """Peak bytes to turn one source read into a target slab: raw bytes (all inputs), the
+    decoder's scratch (dequantized float32 and its rounded copy), the cast copy of the whole
+    decoded slab (`cast_bytes`; the target size unless ops drop elements, like taking one half
+    of a fused tensor), and the op output."""
+    return source_bytes + decode_bytes + (target_bytes if cast_bytes is None else cast_bytes) + target_bytes
+
+
+def decoded_elements(ops: tuple[Op, ...], source_shape: tuple[int, ...]) -> int:
+    """Elements of a slab after decoding and before the rest of the ops (what gets cast)."""
+    decoder, _ = split_decode(ops)
+    return math.prod(decoder.output_shape(source_shape) if decoder else source_shape)
 
 
 def item_working_bytes(item: WorkItem) -> int:
     """The item's region buffer plus the largest single slab in flight (slabs go one at a time)."""
     itemsize = np.dtype(item.save_dtype).itemsize
-    per_slab = [slab_working_bytes(s.source.length, math.prod(_dest_shape(s.dest)) * itemsize) for s in item.slabs]
+    decoder, _ = split_decode(item.ops)
+    per_slab = []
+    for s in item.slabs:
+        decoded = decoded_elements(item.ops, s.source.shape)
+        scratch = decoder.scratch_bytes(decoded) if decoder else 0
+        target = math.prod(_dest_shape(s.dest)) * itemsize
+        per_slab.append(slab_working_bytes(s.bytes_read, target, scratch, decoded * itemsize))
     return item.bytes_written + max(per_slab, default=0)
 
 
@@ -115,19 +141,49 @@ def _dest_shape(dest: tuple) -> tuple[int, ...]:
     return tuple(d[1] - d[0] for d in dest if not isinstance(d, int))
 
 
-def _check_source(target: TargetParam, key: str, info: TensorInfo | None) -> None:
+def _check_source(
+    target: TargetParam,
+    key: str,
+    info: TensorInfo | None,
+    shape: tuple[int, ...],
+    allowed: tuple[str, ...] | None,
+    main_key: str | None = None,
+) -> None:
+    """`allowed` None: any float dtype (a plain source); else the Decode op's input dtypes."""
+    role = f" (read with {main_key!r})" if main_key else ""
     if info is None:
-        raise PlanError(f"source tensor {key!r} (for {target.name}) is missing from the checkpoint")
-    if info.shape != target.source_shape:
+        raise PlanError(f"source tensor {key!r}{role} (for {target.name}) is missing from the checkpoint")
+    if info.shape != shape:
         raise PlanError(
             f"source tensor {key!r} in {info.file} has shape {list(info.shape)}, "
-            f"expected {list(target.source_shape)} from config.json (for {target.name})"
+            f"expected {list(shape)} from config.json (for {target.name})"
         )
-    if info.dtype not in FLOAT_SOURCE_DTYPES:
+    if allowed is None and info.dtype not in FLOAT_SOURCE_DTYPES:
         raise PlanError(
             f"source tensor {key!r} in {info.file} has dtype {info.dtype}; expected one of "
             f"{', '.join(FLOAT_SOURCE_DTYPES)} (quantized sources need a quantization_config)"
         )
+    if allowed is not None and info.dtype not in allowed:
+        raise PlanError(
+            f"source tensor {key!r} in {info.file} has dtype {info.dtype}; the model's "
+            f"quantization_config implies {' or '.join(allowed)} (for {target.name})"
+        )
+
+
+def _check_target_sources(target: TargetParam, tensors: dict[str, TensorInfo]) -> list[str]:
+    """Check every tensor a target reads; return their keys."""
+    decoder, _ = split_decode(target.ops)
+    if target.aux and decoder is None:
+        raise PlanError(f"{target.name}: a rule with aux tensors must start its ops with a Decode op")
+    allowed = decoder.input_dtypes if decoder else ()
+    keys = []
+    for i, key in enumerate(target.hf_keys):
+        _check_source(target, key, tensors.get(key), target.source_shape, allowed[0] if decoder else None)
+        keys.append(key)
+        for j, (aux, aux_key) in enumerate(zip(target.aux, target.aux_keys[i] if target.aux else (), strict=True)):
+            _check_source(target, aux_key, tensors.get(aux_key), aux.shape, allowed[j + 1], key)
+            keys.append(aux_key)
+    return keys
 
 
 def _row_split(target: TargetParam) -> tuple[int, int] | None:
@@ -143,32 +199,58 @@ def _row_split(target: TargetParam) -> tuple[int, int] | None:
     return axis, rows // size
 
 
-def _largest_fitting(n: int, fits) -> int:
-    """Largest c in [1, n] with fits(c) (fits is monotone); 1 if none fits."""
-    lo, hi = 1, n
+def _row_multiple(target: TargetParam, split: tuple[int, int] | None) -> int:
+    """Target indices along the row-split axis must come in multiples of this, so that every
+    cut of the main tensor's rows falls on a row block of each aux tensor (FP8 scale rows)."""
+    if not split or not target.aux:
+        return 1
+    block = math.lcm(*(a.row_block for a in target.aux))
+    return block // math.gcd(block, split[1])
+
+
+def _largest_fitting(n: int, fits, multiple: int = 1) -> int:
+    """Largest c in {multiple, 2*multiple, ..., n} with fits(c) (fits is monotone); the
+    smallest candidate if none fits."""
+    steps = math.ceil(n / multiple)
+    lo, hi = 1, steps
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    return lo
+        lo, hi = (mid, hi) if fits(min(n, mid * multiple)) else (lo, mid - 1)
+    return min(n, lo * multiple)
 
 
-def choose_chunk_shape(target: TargetParam, source_itemsize: float, save_itemsize: int, budget: int) -> tuple[int, ...]:
+def choose_chunk_shape(
+    target: TargetParam, source_itemsize: float, save_itemsize: int, budget: int, aux_itemsizes: tuple[float, ...] = ()
+) -> tuple[int, ...]:
     """Largest chunk (the whole array if it fits) whose work item stays under `budget`.
 
     Shrinks stack axes outer first (experts, then layers); if a single slab is still too big,
-    cuts it along the target axis that source rows map to.
+    cuts it along the target axis that source rows map to (in whole aux row blocks).
     """
     split = _row_split(target)
+    multiple = _row_multiple(target, split)
     slab_elems = math.prod(target.slab_shape)
     source_elems = math.prod(target.source_shape)
+    decoder, _ = split_decode(target.ops)
+    decoded_elems = decoded_elements(target.ops, target.source_shape)
+
+    def aux_bytes(c: list[int]) -> int:
+        total = 0
+        for aux, isz in zip(target.aux, aux_itemsizes, strict=True):
+            rows = c[split[0]] * split[1] if split else target.source_shape[0]
+            aux_rows = min(aux.shape[0], math.ceil(rows / aux.row_block)) if aux.shape else 1
+            total += math.ceil(aux_rows * math.prod(aux.shape[1:]) * isz)
+        return total
 
     def cost(c: list[int]) -> int:
         frac = c[split[0]] / target.shape[split[0]] if split and target.shape[split[0]] else 1.0
         # Round up: an underestimate would let an item exceed the budget.
         slab_target = math.ceil(slab_elems * frac) * save_itemsize
-        slab_source = math.ceil(source_elems * frac * source_itemsize)
+        slab_source = math.ceil(source_elems * frac * source_itemsize) + aux_bytes(c)
+        decoded = math.ceil(decoded_elems * frac)
+        scratch = decoder.scratch_bytes(decoded) if decoder else 0
         n_slabs = math.prod(c[a] for a in target.stack_axes)
-        return n_slabs * slab_target + slab_working_bytes(slab_source, slab_target)
+        return n_slabs * slab_target + slab_working_bytes(slab_source, slab_target, scratch, decoded * save_itemsize)
 
     def with_axis(c: list[int], axis: int, value: int) -> list[int]:
         return c[:axis] + [value] + c[axis + 1 :]
@@ -186,7 +268,7 @@ def choose_chunk_shape(target: TargetParam, source_itemsize: float, save_itemsiz
             "and its op chain does not allow cutting source rows"
         )
     axis = split[0]
-    chunk[axis] = _largest_fitting(target.shape[axis], lambda v: cost(with_axis(chunk, axis, v)) <= budget)
+    chunk[axis] = _largest_fitting(target.shape[axis], lambda v: cost(with_axis(chunk, axis, v)) <= budget, multiple)
     if cost(chunk) > budget:
         raise PlanError(f"{target.name}: even one row slab needs {cost(chunk)} bytes, over --max_item_bytes={budget}")
     return tuple(chunk)
@@ -208,8 +290,8 @@ def _items_for_target(
         slabs = []
         stack_ranges = [range(*region[a]) for a in target.stack_axes]
         for stack_index in itertools.product(*stack_ranges):
-            key = target.hf_key_at(stack_index)
-            info = infos[key]
+            info = infos[target.hf_key_at(stack_index)]
+            aux = [infos[k] for k in target.aux_keys_at(stack_index)]
             dest: list = []
             for axis, (a, b) in enumerate(region):
                 if axis in target.stack_axes:
@@ -217,9 +299,13 @@ def _items_for_target(
                 else:
                     dest.append((0, b - a))
             if row_axis is not None and region[row_axis] != (0, target.shape[row_axis]):
-                r0, r1 = region[row_axis]
-                info = info.rows(r0 * row_unit, r1 * row_unit)
-            slabs.append(Slab(info, tuple(dest)))
+                r0, r1 = region[row_axis][0] * row_unit, region[row_axis][1] * row_unit
+                info = info.rows(r0, r1)
+                for i, spec in enumerate(target.aux):
+                    if r0 % spec.row_block:
+                        raise AssertionError(f"{target.name}: row cut {r0} is inside a block of {spec.hf_key}")
+                    aux[i] = aux[i].rows(r0 // spec.row_block, math.ceil(r1 / spec.row_block))
+            slabs.append(Slab(info, tuple(dest), tuple(aux)))
         items.append(WorkItem(first_id + len(items), target.name, region, tuple(slabs), target.ops, save_dtype))
     return items
 
@@ -236,9 +322,7 @@ def build_plan(
     targets = expand_targets(model_map, scan_layers)
     used: set[str] = set()
     for target in targets:
-        for key in target.hf_keys:
-            _check_source(target, key, source.tensors.get(key))
-            used.add(key)
+        used.update(_check_target_sources(target, source.tensors))
     unused = sorted(set(source.tensors) - used)
     unexpected = [k for k in unused if not any(_matches(k, p) for p in model_map.known_extras)]
     if unexpected:
@@ -251,7 +335,12 @@ def build_plan(
     for target in targets:
         infos = {k: source.tensors[k] for k in target.hf_keys}
         src_itemsize = max(dtypes.bits_per_element(i.dtype) for i in infos.values()) / 8
-        chunk = choose_chunk_shape(target, src_itemsize, save.itemsize, max_item_bytes)
+        aux_itemsizes = tuple(
+            max(dtypes.bits_per_element(source.tensors[keys[j]].dtype) for keys in target.aux_keys) / 8
+            for j in range(len(target.aux))
+        )
+        infos.update((k, source.tensors[k]) for keys in target.aux_keys for k in keys)
+        chunk = choose_chunk_shape(target, src_itemsize, save.itemsize, max_item_bytes, aux_itemsizes)
         arrays.append(ArrayPlan(target.name, target.path, target.shape, save.name, chunk))
         items.extend(_items_for_target(target, chunk, infos, save.name, len(items)))
     return Plan(model_map.family, scan_layers, save.name, max_item_bytes, arrays, items, unused)

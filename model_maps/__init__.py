@@ -11,9 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ckpt_transforms.specs import ModelMap
+from model_maps.deepseek import deepseek_map
+from model_maps.gpt_oss import gpt_oss_map
 from model_maps.llama import llama_map
 from model_maps.mixtral import mixtral_map
-from model_maps.qwen import qwen_map
+from model_maps.qwen import qwen3_moe_map, qwen_map
 
 # Bump when any map's output changes, so re-conversion jobs know old checkpoints are stale.
 MAP_VERSION = "1"
@@ -85,6 +87,50 @@ FAMILIES: tuple[Family, ...] = (
         ("MixtralForCausalLM",),
         ("mixtral-8x7b", "mixtral-8x22b"),
         "experts stacked on axis 0",
+    ),
+    Family(
+        "qwen3_moe",
+        qwen3_moe_map,
+        ("qwen3_moe",),
+        ("Qwen3MoeForCausalLM",),
+        ("qwen3-30b-a3b", "qwen3-30b-a3b-base", "qwen3-235b-a22b", "qwen3-480b-a35b", "qwen3-coder-480b-a35b"),
+        "q_norm/k_norm; router moe_block/gate; experts stacked on axis 0 ([experts, layers, ...] scanned)",
+    ),
+    Family(
+        "deepseek2",
+        functools.partial(deepseek_map, variant="deepseek2"),
+        ("deepseek_v2",),
+        ("DeepseekV2ForCausalLM",),
+        ("deepseek2-16b",),
+        "MLA (q_proj when q_lora_rank is 0, else q_a/q_b); dense_layers then moe_layers stacks; shared experts",
+    ),
+    Family(
+        "deepseek3",
+        functools.partial(deepseek_map, variant="deepseek3"),
+        ("deepseek_v3",),
+        ("DeepseekV3ForCausalLM",),
+        ("deepseek3-671b",),
+        "as deepseek2 plus router bias (e_score_correction_bias); MTP layers reported as known extras",
+        quantized_sources="FP8 blocks (weight_scale_inv)",
+    ),
+    Family(
+        "deepseek3.2",
+        functools.partial(deepseek_map, variant="deepseek3.2"),
+        ("deepseek_v32",),
+        ("DeepseekV32ForCausalLM",),
+        ("deepseek3.2-671b",),
+        "as deepseek3 plus the sparse-attention indexer (wq_b, wk, k_norm, weights_proj)",
+        quantized_sources="FP8 blocks (weight_scale_inv)",
+    ),
+    Family(
+        "gpt_oss",
+        gpt_oss_map,
+        ("gpt_oss",),
+        ("GptOssForCausalLM",),
+        ("gpt-oss-20b", "gpt-oss-120b"),
+        "attention sinks and biases; fused gate_up_proj split even/odd into wi_0/wi_1; "
+        "scanned as layers/layers_0, layers/layers_1 (sliding/full cycle)",
+        quantized_sources="MXFP4 experts (_blocks/_scales)",
     ),
 )
 

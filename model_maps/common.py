@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 from dataclasses import dataclass
 
-from ckpt_transforms.ops import Op, RopeInterleave, ScaleBySqrt, SplitAxis, Transpose
-from ckpt_transforms.specs import ParamRule
+from ckpt_transforms import quant
+from ckpt_transforms.ops import (
+    DequantFP8,
+    Op,
+    RopeInterleave,
+    RoundOnce,
+    ScaleBySqrt,
+    SplitAxis,
+    Transpose,
+    split_decode,
+)
+from ckpt_transforms.specs import Aux, ParamRule
 
 LAYER = "model.layers.{layer}"
 
@@ -69,10 +81,18 @@ def heads_bias(head_dim: int) -> tuple[Op, ...]:
 
 
 def attention_rules(
-    d: Dims, *, rope_interleave: bool = False, scale_query: bool = False, bias: bool = False, qk_norm: bool = False
+    d: Dims,
+    *,
+    rope_interleave: bool = False,
+    scale_query: bool = False,
+    bias: bool = False,
+    qk_norm: bool = False,
+    prefix: str = "self_attention",
 ) -> list[ParamRule]:
-    """Self-attention rows. `rope_interleave`/`scale_query` follow MaxText's per-family hooks."""
+    """Self-attention rows. `rope_interleave`/`scale_query` follow MaxText's per-family hooks;
+    `prefix` is the attention module's name in MaxText (GPT-OSS: GptOssAttention)."""
     a = f"{LAYER}.self_attn"
+    t = prefix
     q_ops = heads_kernel(d.head_dim)
     k_ops = heads_kernel(d.head_dim)
     if rope_interleave:
@@ -81,26 +101,26 @@ def attention_rules(
         q_ops = q_ops + (ScaleBySqrt(d.head_dim, -1),)
     q_width, kv_width = d.heads * d.head_dim, d.kv_heads * d.head_dim
     rules = [
-        ParamRule("self_attention/query/kernel", f"{a}.q_proj.weight", (q_width, d.hidden), q_ops),
-        ParamRule("self_attention/key/kernel", f"{a}.k_proj.weight", (kv_width, d.hidden), k_ops),
+        ParamRule(f"{t}/query/kernel", f"{a}.q_proj.weight", (q_width, d.hidden), q_ops),
+        ParamRule(f"{t}/key/kernel", f"{a}.k_proj.weight", (kv_width, d.hidden), k_ops),
         ParamRule(
-            "self_attention/value/kernel",
+            f"{t}/value/kernel",
             f"{a}.v_proj.weight",
             (kv_width, d.hidden),
             heads_kernel(d.head_dim),
         ),
-        ParamRule("self_attention/out/kernel", f"{a}.o_proj.weight", (d.hidden, q_width), out_kernel(d.head_dim)),
+        ParamRule(f"{t}/out/kernel", f"{a}.o_proj.weight", (d.hidden, q_width), out_kernel(d.head_dim)),
     ]
     if bias:
         rules += [
-            ParamRule("self_attention/query/bias", f"{a}.q_proj.bias", (q_width,), heads_bias(d.head_dim)),
-            ParamRule("self_attention/key/bias", f"{a}.k_proj.bias", (kv_width,), heads_bias(d.head_dim)),
-            ParamRule("self_attention/value/bias", f"{a}.v_proj.bias", (kv_width,), heads_bias(d.head_dim)),
+            ParamRule(f"{t}/query/bias", f"{a}.q_proj.bias", (q_width,), heads_bias(d.head_dim)),
+            ParamRule(f"{t}/key/bias", f"{a}.k_proj.bias", (kv_width,), heads_bias(d.head_dim)),
+            ParamRule(f"{t}/value/bias", f"{a}.v_proj.bias", (kv_width,), heads_bias(d.head_dim)),
         ]
     if qk_norm:
         rules += [
-            ParamRule("self_attention/query_norm/scale", f"{a}.q_norm.weight", (d.head_dim,)),
-            ParamRule("self_attention/key_norm/scale", f"{a}.k_norm.weight", (d.head_dim,)),
+            ParamRule(f"{t}/query_norm/scale", f"{a}.q_norm.weight", (d.head_dim,)),
+            ParamRule(f"{t}/key_norm/scale", f"{a}.k_norm.weight", (d.head_dim,)),
         ]
     return rules
 
@@ -113,11 +133,24 @@ def layer_norm_rules(d: Dims) -> list[ParamRule]:
 
 
 def dense_mlp_rules(d: Dims) -> list[ParamRule]:
-    m = f"{LAYER}.mlp"
+    return gated_mlp_rules("mlp", f"{LAYER}.mlp", d.mlp, d.hidden)
+
+
+def gated_mlp_rules(target: str, hf: str, mlp: int, hidden: int) -> list[ParamRule]:
+    """SwiGLU MLP: HF gate/up/down_proj -> MaxText wi_0/wi_1/wo kernels (transposed)."""
     return [
-        ParamRule("mlp/wi_0/kernel", f"{m}.gate_proj.weight", (d.mlp, d.hidden), KERNEL),
-        ParamRule("mlp/wi_1/kernel", f"{m}.up_proj.weight", (d.mlp, d.hidden), KERNEL),
-        ParamRule("mlp/wo/kernel", f"{m}.down_proj.weight", (d.hidden, d.mlp), KERNEL),
+        ParamRule(f"{target}/wi_0/kernel", f"{hf}.gate_proj.weight", (mlp, hidden), KERNEL),
+        ParamRule(f"{target}/wi_1/kernel", f"{hf}.up_proj.weight", (mlp, hidden), KERNEL),
+        ParamRule(f"{target}/wo/kernel", f"{hf}.down_proj.weight", (hidden, mlp), KERNEL),
+    ]
+
+
+def expert_rules(target: str, hf_expert: str, experts: int, mlp: int, hidden: int) -> list[ParamRule]:
+    """Routed experts, one HF tensor per expert: MaxText wi_0/wi_1 [experts, in, mlp], wo [experts, mlp, in]."""
+    return [
+        ParamRule(f"{target}/wi_0", f"{hf_expert}.gate_proj.weight", (mlp, hidden), KERNEL, experts),
+        ParamRule(f"{target}/wi_1", f"{hf_expert}.up_proj.weight", (mlp, hidden), KERNEL, experts),
+        ParamRule(f"{target}/wo", f"{hf_expert}.down_proj.weight", (hidden, mlp), KERNEL, experts),
     ]
 
 
@@ -136,3 +169,58 @@ def common_extras(d: Dims) -> tuple[str, ...]:
     """Tensors some exports carry that feed nothing: rotary caches; a duplicated tied head."""
     extras = ("model.layers.*.self_attn.rotary_emb.inv_freq",)
     return extras + (("lm_head.weight",) if d.tied else ())
+
+
+def quantization_config(config: dict) -> dict:
+    q = config.get("quantization_config") or {}
+    if not isinstance(q, dict):
+        raise ConfigError("config.json's quantization_config is not an object")
+    return q
+
+
+def quant_method(config: dict) -> str | None:
+    """quantization_config.quant_method, or None for an unquantized checkpoint."""
+    return quantization_config(config).get("quant_method")
+
+
+def require_quant_method(config: dict, family: str, supported: tuple[str, ...] = ()) -> str | None:
+    """The checkpoint's quant_method if this family can read it; else a ConfigError."""
+    method = quant_method(config)
+    if method is not None and method not in supported:
+        can = f"; {family} supports {', '.join(supported)}" if supported else ""
+        raise ConfigError(f"quantization_config.quant_method {method!r} is not supported for {family}{can}")
+    return method
+
+
+def fp8_block_size(config: dict) -> tuple[int, int]:
+    """quantization_config.weight_block_size of a block-scaled FP8 checkpoint."""
+    q = quantization_config(config)
+    fmt = q.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ConfigError(f"quantization_config.fmt {fmt!r} is not supported (only e4m3 FP8 weights)")
+    block = q.get("weight_block_size")
+    if not (isinstance(block, list | tuple) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ConfigError(
+            f"quantization_config.weight_block_size is {block!r}; need [rows, cols] (per-tensor FP8 is not supported)"
+        )
+    return (block[0], block[1])
+
+
+def not_converted(config: dict, hf_key: str) -> bool:
+    """quantization_config.modules_to_not_convert lists the module of `hf_key` (glob patterns)."""
+    module = hf_key.removesuffix(".weight")
+    patterns = quantization_config(config).get("modules_to_not_convert") or []
+    return any(fnmatch.fnmatchcase(module, p) or fnmatch.fnmatchcase(module, p + ".*") for p in patterns)
+
+
+def rounded_like_dequantize_scripts(rules: list[ParamRule]) -> list[ParamRule]:
+    """In a quantized checkpoint, every tensor that is not dequantized is rounded to bf16 first,
+    as MaxText's dequantize scripts rewrite them (only visible with --save_dtype float32, e.g.
+    for DeepSeek's float32 e_score_correction_bias)."""
+    return [r if split_decode(r.ops)[0] else dataclasses.replace(r, ops=(RoundOnce(),) + r.ops) for r in rules]
+
+
+def fp8_weight(rule: ParamRule, block: tuple[int, int]) -> ParamRule:
+    """The same rule reading an FP8 weight and its `<key>_scale_inv` grid, dequantized first."""
+    scale = Aux(rule.hf_key + "_scale_inv", quant.scale_grid_shape(rule.source_shape, block), row_block=block[0])
+    return dataclasses.replace(rule, ops=(DequantFP8(block),) + rule.ops, aux=(scale,))

@@ -9,7 +9,15 @@ default RoPE (Mistral, Llama-2) keep HF's layout, as MaxText's llama_or_mistral 
 from __future__ import annotations
 
 from ckpt_transforms.specs import ModelMap
-from model_maps.common import Dims, attention_rules, common_extras, dense_mlp_rules, embedding_rules, layer_norm_rules
+from model_maps.common import (
+    Dims,
+    attention_rules,
+    common_extras,
+    dense_mlp_rules,
+    embedding_rules,
+    layer_norm_rules,
+    require_quant_method,
+)
 
 
 def uses_llama3_rope(config: dict) -> bool:
@@ -18,6 +26,7 @@ def uses_llama3_rope(config: dict) -> bool:
 
 
 def llama_map(config: dict) -> ModelMap:
+    require_quant_method(config, config.get("model_type") or "llama")
     d = Dims.from_config(config)
     rules = attention_rules(d, rope_interleave=uses_llama3_rope(config), scale_query=True)
     rules += dense_mlp_rules(d) + layer_norm_rules(d)

@@ -17,10 +17,12 @@ from model_maps.common import (
     common_extras,
     embedding_rules,
     layer_norm_rules,
+    require_quant_method,
 )
 
 
 def mixtral_map(config: dict) -> ModelMap:
+    require_quant_method(config, "mixtral")
     d = Dims.from_config(config)
     if not config.get("num_local_experts"):
         raise ConfigError("config.json has no 'num_local_experts' (not a Mixtral MoE checkpoint?)")

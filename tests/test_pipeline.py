@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import os
 
-from conftest import FIXTURES, assert_bitwise_equal, convert, restore_leaves
-from reference import expected_leaves
+from conftest import FIXTURES, assert_matches_reference, convert
 
 from ckpt_transforms import orbax_writer
 from ckpt_transforms.convert_item import build_region
 from pipelines.graph import ConvertWorkItem
 
 SHARDED = os.path.join(FIXTURES, "llama_f32_sharded")
-
-
-def _assert_matches_reference(out_dir: str, source: str, scan: bool = True) -> None:
-    restored = restore_leaves(out_dir)
-    restored.pop("step")
-    expected = expected_leaves(source, scan)
-    assert sorted(restored) == sorted(expected)
-    for name, value in expected.items():
-        assert_bitwise_equal(restored[name], value, name)
 
 
 def _databases(out_dir: str) -> list[str]:
@@ -38,7 +28,7 @@ def test_direct_runner_multi_processing(out_dir):
         "--max_item_bytes=20000",  # forces layer- and row-split items
     )
     assert summary["work_items"] > summary["params"]
-    _assert_matches_reference(out_dir, SHARDED)
+    assert_matches_reference(out_dir, SHARDED)
 
 
 class FailsOnceAfterWriting(ConvertWorkItem):
@@ -59,7 +49,7 @@ class FailsOnceAfterWriting(ConvertWorkItem):
 def test_item_that_fails_once_is_retried_and_checkpoint_is_identical(out_dir):
     summary = convert(SHARDED, out_dir, convert_fn=FailsOnceAfterWriting)
     assert summary["metrics"]["item_retries"] == summary["work_items"]
-    _assert_matches_reference(out_dir, SHARDED)
+    assert_matches_reference(out_dir, SHARDED)
     # Only the successful attempts' databases (plus the stitch's metadata db) remain.
     assert len(_databases(out_dir)) == summary["work_items"] + 1
 
@@ -77,7 +67,7 @@ class ZombieWriter(ConvertWorkItem):
 
 def test_stitch_never_merges_an_unnamed_database(out_dir):
     summary = convert(SHARDED, out_dir, "--scan_layers=false", convert_fn=ZombieWriter)
-    _assert_matches_reference(out_dir, SHARDED, scan=False)
+    assert_matches_reference(out_dir, SHARDED, scan=False)
     assert not [d for d in _databases(out_dir) if "zombie" in d]
     assert len(_databases(out_dir)) == summary["work_items"] + 1
 

@@ -12,8 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import FIXTURES, ROOT, assert_bitwise_equal, convert, restore_leaves
-from reference import expected_leaves
+from conftest import FIXTURES, ROOT, assert_matches_reference, convert
 
 from ckpt_transforms import storage
 from ckpt_transforms.provenance import PROVENANCE_FILE
@@ -27,15 +26,6 @@ def model(tmp_path):
     dst = tmp_path / "model"
     shutil.copytree(os.path.join(FIXTURES, "llama_f32_sharded"), dst)
     return str(dst)
-
-
-def _assert_checkpoint(out_dir: str, source: str, scan: bool) -> None:
-    restored = restore_leaves(out_dir)
-    restored.pop("step")
-    expected = expected_leaves(source, scan)
-    assert sorted(restored) == sorted(expected)
-    for name, value in expected.items():
-        assert_bitwise_equal(restored[name], value, name)
 
 
 def _snapshot(out_dir: str) -> dict[str, int]:
@@ -69,7 +59,7 @@ def test_changed_options_reconvert_and_swap_after_commit(model, out_dir):
     convert(model, out_dir)
     summary = convert(model, out_dir, "--scan_layers=false")
     assert "up_to_date" not in summary
-    _assert_checkpoint(out_dir, model, scan=False)
+    assert_matches_reference(out_dir, model, scan=False)
     assert os.listdir(out_dir) == ["0"], "the replaced checkpoint and staging dirs are gone"
 
 
@@ -83,7 +73,7 @@ def test_changed_source_file_reconverts(model, out_dir):
         json.dump(cfg, f)
     summary = convert(model, out_dir)
     assert "up_to_date" not in summary
-    _assert_checkpoint(out_dir, model, scan=True)
+    assert_matches_reference(out_dir, model, scan=True)
 
 
 def test_force_reconverts_up_to_date_checkpoint(model, out_dir):
@@ -92,7 +82,7 @@ def test_force_reconverts_up_to_date_checkpoint(model, out_dir):
     summary = convert(model, out_dir, "--force")
     assert "up_to_date" not in summary
     assert _snapshot(out_dir) != before
-    _assert_checkpoint(out_dir, model, scan=True)
+    assert_matches_reference(out_dir, model, scan=True)
 
 
 def test_checkpoint_not_made_by_ckptbeam_needs_force(model, out_dir):
@@ -101,7 +91,7 @@ def test_checkpoint_not_made_by_ckptbeam_needs_force(model, out_dir):
     with pytest.raises(FileExistsError, match="not made by ckptbeam; use --force"):
         convert(model, out_dir, "--scan_layers=false")
     convert(model, out_dir, "--scan_layers=false", "--force")
-    _assert_checkpoint(out_dir, model, scan=False)
+    assert_matches_reference(out_dir, model, scan=False)
 
 
 def test_killed_run_leaves_output_untouched_and_next_run_succeeds(tmp_path, out_dir):
@@ -130,4 +120,4 @@ def test_killed_run_leaves_output_untouched_and_next_run_succeeds(tmp_path, out_
     assert staging in os.listdir(out_dir), "its leftovers are still there"
     convert(source, out_dir, "--scan_layers=false", "--max_item_bytes=1MiB")
     assert os.listdir(out_dir) == ["0"]
-    _assert_checkpoint(out_dir, source, scan=False)
+    assert_matches_reference(out_dir, source, scan=False)

@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, assert_bitwise_equal, convert, restore_leaves
+from conftest import FIXTURES, assert_bitwise_equal, assert_matches_reference, convert
 from gcs_emulator import FakeGcs, FaultProxy, is_range_read
 from reference import expected_leaves
 
@@ -87,12 +87,7 @@ def _download(gcs, prefix: str, dest) -> str:
 
 
 def _assert_matches_reference(local_out: str, fixture: str, scan: bool = True) -> None:
-    restored = restore_leaves(local_out)
-    restored.pop("step")
-    expected = expected_leaves(os.path.join(FIXTURES, fixture), scan)
-    assert sorted(restored) == sorted(expected)
-    for name, value in expected.items():
-        assert_bitwise_equal(restored[name], value, name)
+    assert_matches_reference(local_out, os.path.join(FIXTURES, fixture), scan)
 
 
 def _source(fixture: str) -> str:

@@ -13,9 +13,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FIXTURES, ROOT, assert_bitwise_equal, convert, restore_leaves
+from conftest import FIXTURES, ROOT, assert_matches_reference, convert
 from fake_hub import FakeHub
-from reference import expected_leaves, load_tensors
+from reference import load_tensors
 
 from ckpt_transforms.remote import HfSource, RemoteError
 from ckpt_transforms.storage import SourceError, open_source
@@ -74,15 +74,6 @@ def expected_fetch(model_dir: str) -> tuple[int, int]:
     return meta + tensors, tensors
 
 
-def _assert_matches_reference(out_dir: str, model_dir: str) -> None:
-    restored = restore_leaves(out_dir)
-    restored.pop("step")
-    expected = expected_leaves(model_dir, True)
-    assert sorted(restored) == sorted(expected)
-    for name, value in expected.items():
-        assert_bitwise_equal(restored[name], value, name)
-
-
 def _range_sizes(hub: FakeHub) -> list[int]:
     sizes = []
     for s in hub.file_gets():
@@ -111,7 +102,7 @@ def test_cli_converts_gated_repo_with_workers_in_other_processes(hub, tmp_path):
     fetched, _ = expected_fetch(SINGLE)
     assert hub.bytes_served() == fetched
     assert max(_range_sizes(hub)) <= 20000 < os.path.getsize(os.path.join(SINGLE, "model.safetensors"))
-    _assert_matches_reference(out, SINGLE)
+    assert_matches_reference(out, SINGLE)
 
 
 def test_fetches_exactly_headers_and_tensor_bytes_despite_503s_and_resets(hf, out_dir):
@@ -134,7 +125,7 @@ def test_fetches_exactly_headers_and_tensor_bytes_despite_503s_and_resets(hf, ou
     assert not [s for s in hf.log if s.filename == UNUSED]
     shard_sizes = [os.path.getsize(os.path.join(SHARDED, f)) for f in os.listdir(SHARDED) if f.endswith(".safetensors")]
     assert max(_range_sizes(hf)) <= 20000 < min(shard_sizes)
-    _assert_matches_reference(out_dir, SHARDED)
+    assert_matches_reference(out_dir, SHARDED)
 
 
 def test_plain_repo_id_dry_run_reads_only_headers(hf, out_dir):

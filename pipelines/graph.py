@@ -21,7 +21,7 @@ from ckpt_transforms import orbax_writer, outdir
 from ckpt_transforms.convert_item import build_region
 from ckpt_transforms.plan import ArrayPlan, Plan, WorkItem
 from ckpt_transforms.provenance import PROVENANCE_FILE
-from ckpt_transforms.storage import open_source
+from ckpt_transforms.storage import SourceError, open_source
 
 log = logging.getLogger("ckptbeam")
 METRICS_NAMESPACE = "ckptbeam"
@@ -70,7 +70,9 @@ class ConvertWorkItem(beam.DoFn):
                 break
             except Exception as e:
                 # The failed attempt's database is never reported, so the stitch ignores and removes it.
-                if attempt == self.attempts:
+                # A SourceError (malformed or missing source, or a remote read that already used up
+                # its own transient retries) would fail the same way again: no further attempts.
+                if attempt == self.attempts or isinstance(e, SourceError):
                     raise RuntimeError(
                         f"work item {item.item_id} ({item.param}) failed after {attempt} attempts: {e}"
                     ) from e

@@ -88,3 +88,25 @@ def test_existing_checkpoint_is_never_overwritten_by_other_inputs_without_a_reco
     with pytest.raises(FileExistsError, match="not made by ckptbeam"):
         convert(SHARDED, out_dir)
     assert sorted(os.listdir(os.path.join(out_dir, "0", "items"))) == before
+
+
+class SourceBreaksOnce(ConvertWorkItem):
+    """A source error (e.g. HTTP 404 after the reader's own retries) is not worth another attempt."""
+
+    calls = 0
+
+    def convert_once(self, item, db_id):
+        from ckpt_transforms.storage import SourceError
+
+        type(self).calls += 1
+        raise SourceError(f"{item.param}: gone")
+
+
+def test_source_errors_are_not_retried(out_dir):
+    import pytest
+
+    SourceBreaksOnce.calls = 0
+    with pytest.raises(Exception, match="gone"):
+        convert(SHARDED, out_dir, convert_fn=SourceBreaksOnce)
+    assert SourceBreaksOnce.calls == 1
+    assert not os.path.exists(os.path.join(out_dir, "0"))

@@ -18,6 +18,8 @@ USAGE = """ckptbeam COMMAND [options]
 commands:
   convert   HF safetensors -> MaxText Orbax checkpoint (Beam pipeline; Beam flags pass through)
   inspect   list an Orbax checkpoint's params, shapes, dtypes, chunking and size
+  plan      plan a conversion from headers only, or from config.json alone (no weights needed),
+            and estimate its wall time for N workers
   demo      convert the bundled tiny Llama model and inspect the result
 
 run `ckptbeam convert --help` for conversion options."""
@@ -51,6 +53,12 @@ def _convert(argv: list[str]) -> int:
     return 0
 
 
+def _plan(argv: list[str]) -> int:
+    from pipelines.plan_cli import plan_command
+
+    return plan_command(argv)
+
+
 def _demo(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ckptbeam demo", description="Convert the bundled tiny Llama model.")
     parser.add_argument("--output", default=None, help="where to write (default: a fresh temporary directory)")
@@ -65,7 +73,7 @@ def _demo(argv: list[str]) -> int:
     return _inspect([output])
 
 
-COMMANDS = {"convert": _convert, "inspect": _inspect, "demo": _demo}
+COMMANDS = {"convert": _convert, "inspect": _inspect, "plan": _plan, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,81 @@
+"""`ckptbeam plan`: the plan summary and a wall-time estimate, without converting anything.
+
+--source may be a model directory with weights (real headers are read) or just a config.json
+(or a directory holding only config.json): then the headers are synthesized from the model map,
+so a 671B conversion can be sized before a single weight is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import model_maps
+from ckpt_transforms.plan import DEFAULT_MAX_ITEM_BYTES, Plan, build_plan
+from ckpt_transforms.safetensors_index import INDEX_FILE, SINGLE_FILE, load_source_model
+from ckpt_transforms.storage import open_source
+from ckpt_transforms.synthetic import synthetic_source
+from pipelines.convert import format_summary, human_bytes
+from pipelines.options import parse_bytes, str2bool
+
+# Per-worker conversion rate measured on a 2-vCPU machine (README, Performance); override it with
+# what `benchmarks/bench_convert.py` measures on your worker type.
+DEFAULT_WORKER_MB_S = 60.0
+STARTUP_SECONDS = 10.0
+
+
+def _config_only(path: str) -> str | None:
+    """The config.json to plan from when `path` holds no weights, else None."""
+    if path.endswith(".json") and os.path.isfile(path):
+        return path
+    if "://" not in path and os.path.isdir(path):
+        has_weights = any(os.path.exists(os.path.join(path, f)) for f in (INDEX_FILE, SINGLE_FILE))
+        if not has_weights and os.path.isfile(os.path.join(path, "config.json")):
+            return os.path.join(path, "config.json")
+    return None
+
+
+def make_plan(source: str, model: str | None, scan_layers: bool, save_dtype: str, budget: int) -> tuple[Plan, bool]:
+    """(plan, synthesized?) for a model directory/URI or a bare config.json."""
+    config_path = _config_only(source)
+    if config_path:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        family = model_maps.detect_family(config, model)
+        model_map = family.build(config)
+        model_source = synthetic_source(config, model_map, config_path, scan_layers)
+        return build_plan(model_source, model_map, scan_layers, save_dtype, budget), True
+    model_source = load_source_model(open_source(source))
+    family = model_maps.detect_family(model_source.config, model)
+    return build_plan(model_source, family.build(model_source.config), scan_layers, save_dtype, budget), False
+
+
+def estimate_seconds(plan: Plan, workers: int, worker_mb_s: float) -> float:
+    """Bytes spread over the workers, but never faster than the largest single item."""
+    written = sum(i.bytes_written for i in plan.items)
+    largest = max((i.bytes_written for i in plan.items), default=0)
+    rate = worker_mb_s * 1e6
+    return STARTUP_SECONDS + max(written / (workers * rate), largest / rate)
+
+
+def plan_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="ckptbeam plan", description=__doc__)
+    parser.add_argument("--source", required=True, help="model directory/URI, or a config.json alone")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--scan_layers", type=str2bool, default=True)
+    parser.add_argument("--save_dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--max_item_bytes", type=parse_bytes, default=DEFAULT_MAX_ITEM_BYTES)
+    parser.add_argument("--workers", type=int, default=1, help="workers (one work item each at a time)")
+    parser.add_argument("--worker_mb_s", type=float, default=DEFAULT_WORKER_MB_S, help="MB/s one worker converts")
+    args = parser.parse_args(argv)
+    plan, synthesized = make_plan(args.source, args.model, args.scan_layers, args.save_dtype, args.max_item_bytes)
+    summary = plan.summary()
+    origin = "headers synthesized from config.json" if synthesized else "real safetensors headers"
+    print(f"ckptbeam plan for {args.source} ({origin}):\n{format_summary(summary)}")
+    seconds = estimate_seconds(plan, args.workers, args.worker_mb_s)
+    print(
+        f"  estimate        {seconds / 60:.1f} min with {args.workers} worker(s) at {args.worker_mb_s:.0f} MB/s each "
+        f"({human_bytes(summary['bytes_written'])} to write)"
+    )
+    return 0

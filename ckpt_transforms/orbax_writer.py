@@ -119,8 +119,15 @@ def _array_spec(items_dir: str, db_id: str, name: str, metadata: dict) -> dict:
     }
 
 
-def write_regions(items_dir: str, db_id: str, writes: Iterable[tuple[ArrayPlan, WorkItem, np.ndarray]]) -> None:
-    """Write item regions into this attempt's own database, committed once (one OCDBT version)."""
+def start_write_regions(
+    items_dir: str, db_id: str, writes: Iterable[tuple[ArrayPlan, WorkItem, np.ndarray]]
+) -> ts.Future:
+    """Stage item regions in this attempt's own database and start its commit (one OCDBT version).
+
+    Returns when TensorStore holds its own copy of the data (the caller may drop its buffers);
+    the returned future resolves once the database is durably committed. Encoding (zstd) and
+    file writes run in TensorStore's threads meanwhile, so the caller can prepare the next item.
+    """
     context = shared_context()
     txn = ts.Transaction()
     for array, item, data in writes:
@@ -128,7 +135,12 @@ def write_regions(items_dir: str, db_id: str, writes: Iterable[tuple[ArrayPlan, 
         store = ts.open(spec, context=context, transaction=txn, open=True, assume_metadata=True).result()
         index = tuple(slice(a, b) for a, b in item.region)
         store[index].write(data).result()
-    txn.commit_async().result()
+    return txn.commit_async()
+
+
+def write_regions(items_dir: str, db_id: str, writes: Iterable[tuple[ArrayPlan, WorkItem, np.ndarray]]) -> None:
+    """Write item regions into this attempt's own database and wait for the commit."""
+    start_write_regions(items_dir, db_id, writes).result()
 
 
 def _write_array_metadata(items_dir: str, arrays: list[ArrayPlan]) -> str:

@@ -11,11 +11,16 @@ import os
 import time
 import uuid
 import zlib
+from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
 from ckpt_transforms import orbax_writer, outdir
 from ckpt_transforms.convert_item import build_region
@@ -37,8 +42,27 @@ class WrittenRecord:
     bytes_written: int
 
 
+@dataclass
+class _InFlight:
+    """A work item whose database is committing in TensorStore's threads."""
+
+    item: WorkItem
+    db_id: str
+    crc32: int
+    commit: Any
+    attempt: int
+    started: float
+
+
 class ConvertWorkItem(beam.DoFn):
-    """Range-read, transform and write one work item into a fresh OCDBT database per attempt."""
+    """Range-read, transform and write one work item into a fresh OCDBT database per attempt.
+
+    Up to ITEMS_IN_FLIGHT items overlap: while TensorStore encodes and commits one item's
+    database, the next item is read and transformed. A record is emitted only after its own
+    database has committed, so the stitch never names a database that is not durable.
+    """
+
+    ITEMS_IN_FLIGHT = 2
 
     def __init__(self, source_uri: str, items_dir: str, arrays: list[ArrayPlan], total_items: int, attempts: int = 3):
         self.source_uri = source_uri
@@ -55,30 +79,48 @@ class ConvertWorkItem(beam.DoFn):
     def setup(self) -> None:
         self.source = open_source(self.source_uri)
 
-    def convert_once(self, item: WorkItem, db_id: str) -> int:
-        """Write the item into database `db_id`; return the CRC32 of the region's bytes."""
-        region = build_region(item, self.source)
-        orbax_writer.write_regions(self.items_dir, db_id, [(self.arrays[item.param], item, region)])
-        return zlib.crc32(region.reshape(-1).view(np.uint8))  # no copy: region is C-contiguous
+    def start_bundle(self) -> None:
+        self._in_flight: deque[_InFlight] = deque()
 
-    def process(self, item):
-        started = time.time()
-        for attempt in range(1, self.attempts + 1):
+    def start_attempt(self, item: WorkItem, db_id: str) -> tuple[int, Any]:
+        """Build the region and start writing it into database `db_id`.
+
+        Returns (CRC32 of the region's bytes, a future that resolves when the database commits).
+        """
+        region = build_region(item, self.source)
+        commit = orbax_writer.start_write_regions(self.items_dir, db_id, [(self.arrays[item.param], item, region)])
+        return zlib.crc32(region.reshape(-1).view(np.uint8)), commit  # no copy: region is C-contiguous
+
+    def _give_up_or_retry(self, item: WorkItem, attempt: int, error: Exception) -> None:
+        # The failed attempt's database is never reported, so the stitch ignores and removes it.
+        # A SourceError (malformed or missing source, or a remote read that already used up its
+        # own transient retries) would fail the same way again: no further attempts.
+        if attempt >= self.attempts or isinstance(error, SourceError):
+            raise RuntimeError(
+                f"work item {item.item_id} ({item.param}) failed after {attempt} attempts: {error}"
+            ) from error
+        self.item_retries.inc()
+        log.warning("work item %d (%s) attempt %d failed: %s; retrying", item.item_id, item.param, attempt, error)
+
+    def _start(self, item: WorkItem, attempt: int, started: float) -> _InFlight:
+        while True:
             db_id = uuid.uuid4().hex
             try:
-                crc = self.convert_once(item, db_id)
+                crc, commit = self.start_attempt(item, db_id)
+                return _InFlight(item, db_id, crc, commit, attempt, started)
+            except Exception as e:
+                self._give_up_or_retry(item, attempt, e)
+                attempt += 1
+
+    def _finish(self, flight: _InFlight) -> WrittenRecord:
+        while True:
+            try:
+                flight.commit.result()
                 break
             except Exception as e:
-                # The failed attempt's database is never reported, so the stitch ignores and removes it.
-                # A SourceError (malformed or missing source, or a remote read that already used up
-                # its own transient retries) would fail the same way again: no further attempts.
-                if attempt == self.attempts or isinstance(e, SourceError):
-                    raise RuntimeError(
-                        f"work item {item.item_id} ({item.param}) failed after {attempt} attempts: {e}"
-                    ) from e
-                self.item_retries.inc()
-                log.warning("work item %d (%s) attempt %d failed: %s; retrying", item.item_id, item.param, attempt, e)
-        elapsed = time.time() - started
+                self._give_up_or_retry(flight.item, flight.attempt, e)
+                flight = self._start(flight.item, flight.attempt + 1, flight.started)
+        item, elapsed = flight.item, time.time() - flight.started
         self.items_done.inc()
         self.bytes_read.inc(item.bytes_read)
         self.bytes_written.inc(item.bytes_written)
@@ -92,7 +134,16 @@ class ConvertWorkItem(beam.DoFn):
             item.bytes_written / 1e6,
             elapsed,
         )
-        yield WrittenRecord(item.item_id, db_id, crc, item.bytes_written)
+        return WrittenRecord(item.item_id, flight.db_id, flight.crc32, item.bytes_written)
+
+    def process(self, item):
+        self._in_flight.append(self._start(item, 1, time.time()))
+        while len(self._in_flight) >= self.ITEMS_IN_FLIGHT:
+            yield self._finish(self._in_flight.popleft())
+
+    def finish_bundle(self):
+        while self._in_flight:
+            yield WindowedValue(self._finish(self._in_flight.popleft()), MIN_TIMESTAMP, [GlobalWindow()])
 
 
 class StitchAndCommit(beam.DoFn):

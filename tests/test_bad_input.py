@@ -143,10 +143,10 @@ def test_symlinked_shard_outside_the_directory_is_refused(sharded, tmp_path, out
 
 
 class AlwaysFails(ConvertWorkItem):
-    def convert_once(self, item, db_id):
+    def start_attempt(self, item, db_id):
         if item.param.endswith("wo.kernel"):
             raise OSError("disk on fire")
-        return super().convert_once(item, db_id)
+        return super().start_attempt(item, db_id)
 
 
 def test_failure_during_conversion_publishes_nothing(model, out_dir):

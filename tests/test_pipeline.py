@@ -34,7 +34,7 @@ def test_direct_runner_multi_processing(out_dir):
 class FailsOnceAfterWriting(ConvertWorkItem):
     """First attempt of every item writes its region, then dies: a crashed attempt's leftovers."""
 
-    def convert_once(self, item, db_id):
+    def start_attempt(self, item, db_id):
         if not hasattr(self, "_failed"):
             self._failed = set()
         if item.item_id not in self._failed:
@@ -43,7 +43,7 @@ class FailsOnceAfterWriting(ConvertWorkItem):
             region[...] = 0  # garbage that must never reach the checkpoint
             orbax_writer.write_regions(self.items_dir, db_id, [(self.arrays[item.param], item, region)])
             raise OSError("injected failure after writing")
-        return super().convert_once(item, db_id)
+        return super().start_attempt(item, db_id)
 
 
 def test_item_that_fails_once_is_retried_and_checkpoint_is_identical(out_dir):
@@ -57,12 +57,12 @@ def test_item_that_fails_once_is_retried_and_checkpoint_is_identical(out_dir):
 class ZombieWriter(ConvertWorkItem):
     """Also writes a stray database no record names, as a zombie attempt on another worker would."""
 
-    def convert_once(self, item, db_id):
-        crc = super().convert_once(item, db_id)
+    def start_attempt(self, item, db_id):
+        crc, commit = super().start_attempt(item, db_id)
         region = build_region(item, self.source)
         region[...] = 1
         orbax_writer.write_regions(self.items_dir, "zombie" + db_id[:8], [(self.arrays[item.param], item, region)])
-        return crc
+        return crc, commit
 
 
 def test_stitch_never_merges_an_unnamed_database(out_dir):
@@ -95,7 +95,7 @@ class SourceBreaksOnce(ConvertWorkItem):
 
     calls = 0
 
-    def convert_once(self, item, db_id):
+    def start_attempt(self, item, db_id):
         from ckpt_transforms.storage import SourceError
 
         type(self).calls += 1
@@ -110,3 +110,29 @@ def test_source_errors_are_not_retried(out_dir):
         convert(SHARDED, out_dir, convert_fn=SourceBreaksOnce)
     assert SourceBreaksOnce.calls == 1
     assert not os.path.exists(os.path.join(out_dir, "0"))
+
+
+class CommitFailsOnce(ConvertWorkItem):
+    """The write is staged, but the asynchronous commit of the first attempt fails (disk full...)."""
+
+    class _Failed:
+        def result(self):
+            raise OSError("commit failed")
+
+    def start_attempt(self, item, db_id):
+        crc, commit = super().start_attempt(item, db_id)
+        if not hasattr(self, "_seen"):
+            self._seen = set()
+        if item.item_id not in self._seen:
+            self._seen.add(item.item_id)
+            commit.result()  # let it land, then report failure: its database must still be ignored
+            return crc, self._Failed()
+        return crc, commit
+
+
+def test_a_commit_that_fails_asynchronously_is_retried(out_dir):
+    summary = convert(SHARDED, out_dir, "--scan_layers=false", convert_fn=CommitFailsOnce)
+    assert summary["metrics"]["item_retries"] == summary["work_items"]
+    assert_matches_reference(out_dir, SHARDED, scan=False)
+    items = os.path.join(out_dir, "0", "items")
+    assert len([e for e in os.listdir(items) if e.startswith("ocdbt.process_")]) == summary["work_items"] + 1

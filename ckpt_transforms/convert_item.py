@@ -41,12 +41,15 @@ COALESCE_GAP = 64 * 1024
 def read_tensors(infos: list[TensorInfo], source: ByteSource) -> list[np.ndarray]:
     """Each tensor's array; ranges in the same file that touch (within the gap) are read once."""
     chunks: dict[tuple[str, int], bytes] = {}
-    for file in {i.file for i in infos}:
-        ranges = [(i.offset, i.length) for i in infos if i.file == file]
+    for file in {i.file for i in infos if i.length}:
+        ranges = [(i.offset, i.length) for i in infos if i.file == file and i.length]
         for offset, length in coalesce_ranges(ranges, COALESCE_GAP):
             chunks[(file, offset)] = source.read_range(file, offset, length)
     out = []
     for info in infos:
+        if info.length == 0:  # 0-size tensors are valid safetensors; nothing to fetch
+            out.append(decode(b"", info))
+            continue
         (start, data) = next((o, d) for (f, o), d in chunks.items() if f == info.file and o <= info.offset < o + len(d))
         view = memoryview(data)[info.offset - start : info.offset - start + info.length]  # no copy
         out.append(decode(view, info))

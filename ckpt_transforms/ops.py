@@ -40,6 +40,10 @@ class Op:
         """Axis of the output that source `axis` becomes, or None if slicing it is not supported."""
         return axis
 
+    def output_dtype(self, dtype: np.dtype) -> np.dtype:
+        """dtype of `apply`'s result for an input of `dtype` (most ops keep it)."""
+        return np.dtype(dtype)
+
 
 @dataclass(frozen=True)
 class Transpose(Op):
@@ -170,6 +174,59 @@ class ScaleBySqrt(Op):
     def inverse(self) -> Op:
         return ScaleBySqrt(self.n, -self.power)
 
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape)
+
+
+@dataclass(frozen=True)
+class ScaleBy(Op):
+    """Multiply by a constant in float32 and round back to the input dtype (divide if `divide`).
+
+    `factor` is the exact value of the scalar MaxText multiplies by, already rounded the way its
+    hook rounds it (Gemma2: `np.float32(hidden ** 0.5)`; Gemma3: a bfloat16 scalar). A product of
+    a bf16 or float32 tensor with such a scalar is exact in float32 before the one final rounding,
+    which is what numpy (with ml_dtypes) computes for `(x * s).astype(x.dtype)`.
+    """
+
+    factor: float
+    divide: bool = False
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        f = np.float32(self.factor)
+        y = x.astype(np.float32) / f if self.divide else x.astype(np.float32) * f
+        return y.astype(x.dtype)
+
+    def inverse(self) -> Op:
+        return ScaleBy(self.factor, not self.divide)
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape)
+
+
+@dataclass(frozen=True)
+class AddScalar(Op):
+    """Add a constant, computed and returned in float32 (Gemma's RMSNorm `scale + 1`).
+
+    MaxText's hook is `x + 1.0` on the bf16 numpy array its eager loader returns; numpy with
+    ml_dtypes evaluates that in float32 and returns float32 (it does not keep bfloat16 as NEP 50
+    would for a builtin dtype), so the saved leaf is float32 even when saving bf16. Exact: a bf16
+    value plus 1.0 is rounded once, to float32.
+    """
+
+    value: float
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return x.astype(np.float32) + np.float32(self.value)
+
+    def inverse(self) -> Op:
+        return AddScalar(-self.value)
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape)
+
+    def output_dtype(self, dtype: np.dtype) -> np.dtype:
+        return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
 
 @dataclass(frozen=True)
 class PadAxis(Op):
@@ -188,6 +245,10 @@ class PadAxis(Op):
 
     def inverse(self) -> Op:
         return TruncateAxis(self.axis, self.source_size, self.size)
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        ax = self.axis % len(shape)
+        return shape[:ax] + (self.size,) + shape[ax + 1 :]
 
     def map_axis(self, axis: int, ndim: int) -> int | None:
         return None if axis == self.axis % ndim else axis
@@ -208,6 +269,10 @@ class TruncateAxis(Op):
 
     def inverse(self) -> Op:
         return PadAxis(self.axis, self.source_size, self.size)
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        ax = self.axis % len(shape)
+        return shape[:ax] + (min(self.size, shape[ax]),) + shape[ax + 1 :]
 
     def map_axis(self, axis: int, ndim: int) -> int | None:
         return None if axis == self.axis % ndim else axis
@@ -263,6 +328,61 @@ class PutEvery(Op):
 
     def inverse(self) -> Op:
         return TakeEvery(self.axis, self.start, self.step)
+
+    def map_axis(self, axis: int, ndim: int) -> int | None:
+        return None if axis == self.axis % ndim else axis
+
+
+@dataclass(frozen=True)
+class SliceAxis(Op):
+    """Entries [start, stop) of `axis` (of length `size`): one contiguous part of a fused tensor
+    (Gemma4's gate_up_proj is [experts, 2 * mlp, emb]: wi_0 is rows [0, mlp), wi_1 [mlp, 2 * mlp))."""
+
+    axis: int
+    start: int
+    stop: int
+    size: int
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        index = [slice(None)] * x.ndim
+        index[self.axis] = slice(self.start, self.stop)
+        return x[tuple(index)]
+
+    def inverse(self) -> Op:
+        return PlaceInAxis(self.axis, self.start, self.stop, self.size)
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        ax = self.axis % len(shape)
+        return shape[:ax] + (self.stop - self.start,) + shape[ax + 1 :]
+
+    def map_axis(self, axis: int, ndim: int) -> int | None:
+        return None if axis == self.axis % ndim else axis
+
+
+@dataclass(frozen=True)
+class PlaceInAxis(Op):
+    """Inverse of SliceAxis: the part at [start, stop) of a zero axis of length `size`, so the
+    placed parts of a fused tensor sum to the whole."""
+
+    axis: int
+    start: int
+    stop: int
+    size: int
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        ax = self.axis % x.ndim
+        out = np.zeros(x.shape[:ax] + (self.size,) + x.shape[ax + 1 :], x.dtype)
+        index = [slice(None)] * x.ndim
+        index[ax] = slice(self.start, self.stop)
+        out[tuple(index)] = x
+        return out
+
+    def inverse(self) -> Op:
+        return SliceAxis(self.axis, self.start, self.stop, self.size)
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        ax = self.axis % len(shape)
+        return shape[:ax] + (self.size,) + shape[ax + 1 :]
 
     def map_axis(self, axis: int, ndim: int) -> int | None:
         return None if axis == self.axis % ndim else axis
@@ -447,3 +567,11 @@ def chain_map_axis(axis: int, ndim: int, ops: Sequence[Op], shape: tuple[int, ..
         shape_next = op.output_shape(shape)
         axis, ndim, shape = mapped, len(shape_next), shape_next
     return axis
+
+
+def chain_output_dtype(dtype: np.dtype, ops: Sequence[Op]) -> np.dtype:
+    """dtype of a slab after `ops`, for an input of `dtype` (the save dtype, after any Decode)."""
+    dtype = np.dtype(dtype)
+    for op in ops:
+        dtype = op.output_dtype(dtype)
+    return dtype

@@ -6,10 +6,20 @@ fill it, and the op chain. Items are sized so their working set stays under `max
 
 A slab may read further tensors next to its main one (`Slab.aux`, e.g. an FP8 weight's
 scale_inv rows): a quantized source is dequantized inside the work item, in one pass.
+
+A target whose rows outnumber its source's (a zero-padded vocabulary) or the other way round (a
+truncated one) is still cut along rows: an item reads only the source rows that exist inside its
+region and pads its slab with zeros to the region's height (a region wholly in the padding reads
+one row and drops it: no item ever issues an empty read).
+
+A leaf is stored in the dtype its op chain produces from the save dtype (Gemma's `scale + 1` is
+float32 even when saving bf16, as in MaxText); such an item still casts its source to the save
+dtype first (a leading RoundOnce), then computes, exactly as MaxText does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import itertools
 import math
@@ -18,7 +28,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ckpt_transforms import dtypes
-from ckpt_transforms.ops import Op, chain_map_axis, split_decode
+from ckpt_transforms.ops import (
+    Op,
+    PadAxis,
+    RoundOnce,
+    TruncateAxis,
+    chain_map_axis,
+    chain_output_dtype,
+    split_decode,
+)
 from ckpt_transforms.safetensors_index import SourceModel, TensorInfo
 from ckpt_transforms.specs import ModelMap, TargetParam, expand_targets
 
@@ -170,14 +188,21 @@ def _check_source(
         )
 
 
-def _check_target_sources(target: TargetParam, tensors: dict[str, TensorInfo]) -> list[str]:
+def _check_target_sources(target: TargetParam, tensors: dict[str, TensorInfo], aliases: tuple = ()) -> list[str]:
     """Check every tensor a target reads; return their keys."""
     decoder, _ = split_decode(target.ops)
     if target.aux and decoder is None:
         raise PlanError(f"{target.name}: a rule with aux tensors must start its ops with a Decode op")
     allowed = decoder.input_dtypes if decoder else ()
     keys = []
+    if target.aux and _row_resize(target) is not None:
+        raise PlanError(f"{target.name}: a padded or truncated target cannot read aux tensors")
     for i, key in enumerate(target.hf_keys):
+        if key not in tensors and _alias_spellings(key, aliases):
+            raise PlanError(
+                f"source tensor {key!r} (for {target.name}) is missing from the checkpoint "
+                f"(also looked for {', '.join(repr(k) for k in _alias_spellings(key, aliases))})"
+            )
         _check_source(target, key, tensors.get(key), target.source_shape, allowed[0] if decoder else None)
         keys.append(key)
         for j, (aux, aux_key) in enumerate(zip(target.aux, target.aux_keys[i] if target.aux else (), strict=True)):
@@ -186,8 +211,32 @@ def _check_target_sources(target: TargetParam, tensors: dict[str, TensorInfo]) -
     return keys
 
 
+def _row_resize(target: TargetParam) -> tuple[int, int] | None:
+    """(index in the op chain, slab axis) when the chain has one PadAxis/TruncateAxis on the
+    axis source rows run along and every other op keeps source row i at index i; else None."""
+    if not target.source_shape:
+        return None
+    axis, shape, found = 0, tuple(target.source_shape), None
+    for i, op in enumerate(target.ops):
+        out = op.output_shape(shape)
+        if isinstance(op, PadAxis | TruncateAxis) and op.axis % len(shape) == axis:
+            if found is not None:
+                return None
+            found, shape = i, out
+            continue
+        mapped = op.map_axis(axis, len(shape))
+        if mapped is None or out[mapped] != shape[axis]:
+            return None
+        axis, shape = mapped, out
+    return (found, axis) if found is not None else None
+
+
 def _row_split(target: TargetParam) -> tuple[int, int] | None:
     """(target axis, source rows per target index) when source rows can be cut, else None."""
+    resize = _row_resize(target)
+    if resize is not None:
+        slab_axes = [a for a in range(len(target.shape)) if a not in target.stack_axes]
+        return slab_axes[resize[1]], 1
     slab_axis = chain_map_axis(0, len(target.source_shape), target.ops, target.source_shape)
     if slab_axis is None or not target.source_shape:
         return None
@@ -242,12 +291,17 @@ def choose_chunk_shape(
             total += math.ceil(aux_rows * math.prod(aux.shape[1:]) * isz)
         return total
 
+    resized = _row_resize(target) is not None
+    source_rows = target.source_shape[0] if target.source_shape else 1
+
     def cost(c: list[int]) -> int:
         frac = c[split[0]] / target.shape[split[0]] if split and target.shape[split[0]] else 1.0
+        # A padded/truncated target reads at most as many source rows as its region has rows.
+        src_frac = min(source_rows, c[split[0]]) / source_rows if resized and source_rows else frac
         # Round up: an underestimate would let an item exceed the budget.
         slab_target = math.ceil(slab_elems * frac) * save_itemsize
-        slab_source = math.ceil(source_elems * frac * source_itemsize) + aux_bytes(c)
-        decoded = math.ceil(decoded_elems * frac)
+        slab_source = math.ceil(source_elems * src_frac * source_itemsize) + aux_bytes(c)
+        decoded = math.ceil(decoded_elems * src_frac)
         scratch = decoder.scratch_bytes(decoded) if decoder else 0
         n_slabs = math.prod(c[a] for a in target.stack_axes)
         return n_slabs * slab_target + slab_working_bytes(slab_source, slab_target, scratch, decoded * save_itemsize)
@@ -283,6 +337,7 @@ def _items_for_target(
 ) -> list[WorkItem]:
     split = _row_split(target)
     row_axis, row_unit = split if split else (None, 1)
+    resize = _row_resize(target)
     grid = [range(0, n, c) if n else range(1) for n, c in zip(target.shape, chunk, strict=True)]
     items = []
     for starts in itertools.product(*grid):
@@ -298,7 +353,9 @@ def _items_for_target(
                     dest.append(stack_index[target.stack_axes.index(axis)] - a)
                 else:
                     dest.append((0, b - a))
-            if row_axis is not None and region[row_axis] != (0, target.shape[row_axis]):
+            if resize is not None:
+                info = info.rows(*_source_rows(target, region[row_axis]))
+            elif row_axis is not None and region[row_axis] != (0, target.shape[row_axis]):
                 r0, r1 = region[row_axis][0] * row_unit, region[row_axis][1] * row_unit
                 info = info.rows(r0, r1)
                 for i, spec in enumerate(target.aux):
@@ -306,8 +363,31 @@ def _items_for_target(
                         raise AssertionError(f"{target.name}: row cut {r0} is inside a block of {spec.hf_key}")
                     aux[i] = aux[i].rows(r0 // spec.row_block, math.ceil(r1 / spec.row_block))
             slabs.append(Slab(info, tuple(dest), tuple(aux)))
-        items.append(WorkItem(first_id + len(items), target.name, region, tuple(slabs), target.ops, save_dtype))
+        ops = _resized_ops(target, resize, region[row_axis]) if resize is not None else target.ops
+        items.append(WorkItem(first_id + len(items), target.name, region, tuple(slabs), ops, save_dtype))
     return items
+
+
+def _source_rows(target: TargetParam, rows: tuple[int, int]) -> tuple[int, int]:
+    """Source rows an item covering target rows [a, b) of a padded/truncated target reads: the
+    ones inside [a, b) that exist. A region wholly in the padding still reads one (the last) row,
+    which its chain drops, so that no item ever issues a zero-length read."""
+    n = target.source_shape[0]
+    a, b = min(rows[0], n), min(rows[1], n)
+    return (a, b) if b > a else (n - 1, n)
+
+
+def _resized_ops(target: TargetParam, resize: tuple[int, int], rows: tuple[int, int]) -> tuple[Op, ...]:
+    """The chain for an item covering target rows [a, b): the source rows inside [a, b) are
+    zero-padded to b - a rows (the row a wholly padded region reads is dropped first)."""
+    index, _ = resize
+    axis, n = target.ops[index].axis, target.source_shape[0]
+    a, b = rows
+    inside = max(0, min(b, n) - min(a, n))
+    fitted: tuple[Op, ...] = () if inside else (TruncateAxis(axis, 0, 1),)
+    if inside != b - a:
+        fitted += (PadAxis(axis, b - a, inside),)
+    return target.ops[:index] + fitted + target.ops[index + 1 :]
 
 
 def build_plan(
@@ -319,10 +399,12 @@ def build_plan(
 ) -> Plan:
     """Validate the source against the map and cut every target into bounded work items."""
     save = dtypes.save_dtype(save_dtype)
-    targets = expand_targets(model_map, scan_layers)
+    targets = [
+        _resolve_aliases(t, source.tensors, model_map.key_aliases) for t in expand_targets(model_map, scan_layers)
+    ]
     used: set[str] = set()
     for target in targets:
-        used.update(_check_target_sources(target, source.tensors))
+        used.update(_check_target_sources(target, source.tensors, model_map.key_aliases))
     unused = sorted(set(source.tensors) - used)
     unexpected = [k for k in unused if not any(_matches(k, p) for p in model_map.known_extras)]
     if unexpected:
@@ -333,6 +415,7 @@ def build_plan(
         )
     arrays, items = [], []
     for target in targets:
+        target, leaf = _stored_as(target, save)
         infos = {k: source.tensors[k] for k in target.hf_keys}
         src_itemsize = max(dtypes.bits_per_element(i.dtype) for i in infos.values()) / 8
         aux_itemsizes = tuple(
@@ -340,10 +423,53 @@ def build_plan(
             for j in range(len(target.aux))
         )
         infos.update((k, source.tensors[k]) for keys in target.aux_keys for k in keys)
-        chunk = choose_chunk_shape(target, src_itemsize, save.itemsize, max_item_bytes, aux_itemsizes)
-        arrays.append(ArrayPlan(target.name, target.path, target.shape, save.name, chunk))
-        items.extend(_items_for_target(target, chunk, infos, save.name, len(items)))
+        chunk = choose_chunk_shape(target, src_itemsize, leaf.itemsize, max_item_bytes, aux_itemsizes)
+        arrays.append(ArrayPlan(target.name, target.path, target.shape, leaf.name, chunk))
+        items.extend(_items_for_target(target, chunk, infos, leaf.name, len(items)))
     return Plan(model_map.family, scan_layers, save.name, max_item_bytes, arrays, items, unused)
+
+
+def _stored_as(target: TargetParam, save: np.dtype) -> tuple[TargetParam, np.dtype]:
+    """(the target as its items run it, the dtype its leaf is stored in).
+
+    Usually the save dtype. When the chain computes into another dtype (AddScalar: float32), the
+    leaf keeps that dtype, as MaxText saves whatever its hook returns; the items then store that
+    dtype and round the source to the save dtype first (RoundOnce), so the arithmetic starts from
+    the same values as MaxText's cast-first loader.
+    """
+    decoder, ops = split_decode(target.ops)
+    leaf = chain_output_dtype(save, ops)  # the executor casts to the save dtype before `ops`
+    if leaf == save:
+        return target, save
+    if decoder is not None:
+        raise PlanError(f"{target.name}: a decoded source whose ops change the dtype is not supported")
+    return dataclasses.replace(target, ops=(RoundOnce(save.name),) + target.ops), leaf
+
+
+def _resolve_key(key: str, tensors: dict[str, TensorInfo], aliases: tuple) -> str:
+    """`key` if the checkpoint has it, else its first alias spelling that it has, else `key`."""
+    if key in tensors:
+        return key
+    for prefix, alternatives in aliases:
+        if key.startswith(prefix):
+            for alt in alternatives:
+                if alt + key[len(prefix) :] in tensors:
+                    return alt + key[len(prefix) :]
+    return key
+
+
+def _alias_spellings(key: str, aliases: tuple) -> list[str]:
+    return [alt + key[len(p) :] for p, alts in aliases if key.startswith(p) for alt in alts]
+
+
+def _resolve_aliases(target: TargetParam, tensors: dict[str, TensorInfo], aliases: tuple) -> TargetParam:
+    if not aliases:
+        return target
+    return dataclasses.replace(
+        target,
+        hf_keys=tuple(_resolve_key(k, tensors, aliases) for k in target.hf_keys),
+        aux_keys=tuple(tuple(_resolve_key(k, tensors, aliases) for k in keys) for keys in target.aux_keys),
+    )
 
 
 def _matches(key: str, pattern: str) -> bool:

@@ -8,6 +8,13 @@ Models whose layers are not all alike declare layer groups (DeepSeek: `dense_lay
 `moe_layers`, each with its own table and MaxText container) and, for MaxText's scannable blocks
 with an inhomogeneous layer cycle (GPT-OSS), a cycle: scanned, group layer i goes to the
 sub-stack `layers_{i % cycle}`; unscanned, every layer is its own `<container>_<position>`.
+Blocks whose sub-layers differ (Qwen3-Next: linear attention, then full attention every Nth
+layer) add rules per cycle position; layers left over after the last whole cycle can go to an
+unstacked remainder block (Gemma3's `layers_remainder`). A MaxText layer may also be built from
+several HF layers (Gemma2 pairs a local and a global HF layer): a rule maps its group's layer
+number n to the HF layer `n * layer_stride + layer_offset`. A scanned cycle may also nest a
+scan inside the block scan (Gemma4: the five local layers of each block stack at axes 1 and 2,
+the global one at axis 1), and a group may have no scanned form at all (Gemma4 E2B/E4B).
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ class ParamRule:
                   `aux` tensors it starts with a Decode op that takes (main, *aux).
     experts:      >0 stacks that many experts on axis 0 of the per-layer target.
     aux:          further tensors per slab (quantization scales).
+    layer_stride, layer_offset: {layer} in the keys is `n * layer_stride + layer_offset` for the
+                  group's layer number n (Gemma2: MaxText layer n holds HF layers 2n and 2n+1).
     """
 
     target: str
@@ -59,6 +68,11 @@ class ParamRule:
     ops: tuple[Op, ...] = ()
     experts: int = 0
     aux: tuple[Aux, ...] = ()
+    layer_stride: int = 1
+    layer_offset: int = 0
+
+    def hf_layer(self, n: int) -> int:
+        return n * self.layer_stride + self.layer_offset
 
     @property
     def slab_shape(self) -> tuple[int, ...]:
@@ -70,9 +84,25 @@ class LayerGroup:
     """Decoder layers sharing one rule table and one MaxText container.
 
     container: e.g. "decoder/layers" or "decoder/moe_layers".
-    layers:    HF layer indices, in MaxText's order (position i is `<container>_<i>` unscanned).
+    layers:    layer numbers in MaxText's order (position i is `<container>_<i>` unscanned); a
+               rule's {layer} is `rule.hf_layer(number)` (the HF layer index by default).
     cycle:     >1 for MaxText's scannable blocks of an inhomogeneous layer cycle: scanned,
                the group becomes `cycle` stacks `<container>/<cycle_name>_<b>` of layers[b::cycle].
+    position_rules: per cycle position, rules only layers at that position have (added to
+               `rules`; Qwen3-Next: linear-attention positions vs the full-attention one).
+    remainder: where layers after the last whole cycle go when scanned, each unstacked as
+               `<remainder>/<cycle_name>_<r>` (Gemma3's `decoder/layers_remainder`); None: the
+               group must fill whole cycles to be scanned.
+    slots:     how a scanned cycle is laid out, as (name, cycle positions) pairs; default one
+               `<cycle_name>_<b>` per position. A slot of several positions is a scan nested in
+               the block scan (Gemma4's `local_layers`: [block][position] stacked at
+               param_scan_axis and the axis after it); its positions must share their rules.
+    scan_container: the scanned blocks' container when it differs from the unscanned one
+               (Gemma4: `decoder/scanned_blocks`, unscanned `decoder/layers_<i>`).
+    first_index: unscanned, position i is `<container>_<first_index + i>` and its cycle position
+               is (first_index + i) % cycle: a group continuing another one's numbering
+               (Gemma4 E2B/E4B: the KV-shared layers after the others).
+    unscannable: why MaxText has no scanned form of these layers ("" if it has one).
     """
 
     container: str
@@ -80,17 +110,66 @@ class LayerGroup:
     rules: tuple[ParamRule, ...]
     cycle: int = 1
     cycle_name: str = "layers"
+    position_rules: tuple[tuple[ParamRule, ...], ...] = ()
+    remainder: str | None = None
+    slots: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    scan_container: str | None = None
+    first_index: int = 0
+    unscannable: str = ""
 
-    def scan_stacks(self) -> list[tuple[str, tuple[int, ...]]]:
-        """(container, HF layers) of each scanned stack."""
-        if self.cycle == 1:
-            return [(self.container, self.layers)]
-        if len(self.layers) % self.cycle:
+    def __post_init__(self) -> None:
+        if self.position_rules and len(self.position_rules) != self.cycle:
+            raise ValueError(
+                f"{self.container}: {len(self.position_rules)} position rule sets for a {self.cycle}-cycle"
+            )
+        if self.slots and sorted(p for _, ps in self.slots for p in ps) != list(range(self.cycle)):
+            raise ValueError(f"{self.container}: slots {self.slots} do not cover the {self.cycle}-cycle once")
+        for name, positions in self.slots:
+            if len({self.rules_at(p) for p in positions}) != 1:
+                raise ValueError(f"{self.container}: positions {positions} of slot {name!r} have different rules")
+
+    def rules_at(self, position: int) -> tuple[ParamRule, ...]:
+        """Rules of the layer at `position` in the group (its cycle position decides extras)."""
+        extra = self.position_rules[(self.first_index + position) % self.cycle] if self.position_rules else ()
+        return self.rules + extra
+
+    def whole_cycles(self) -> int:
+        """Layers in whole cycles (the scanned part)."""
+        n = len(self.layers) - len(self.layers) % self.cycle
+        if n != len(self.layers) and self.remainder is None:
             raise ValueError(
                 f"{self.container}: {len(self.layers)} layers do not fill whole {self.cycle}-layer cycles, "
                 "so they cannot be scanned (MaxText scans num_layers / cycle blocks); use --scan_layers=false"
             )
-        return [(f"{self.container}/{self.cycle_name}_{b}", self.layers[b :: self.cycle]) for b in range(self.cycle)]
+        return n
+
+    def scan_stacks(self) -> list[tuple[str, tuple, tuple[ParamRule, ...]]]:
+        """(container, layer numbers, rules) of each scanned stack; a nested slot's layer numbers
+        are one tuple per block."""
+        if self.unscannable:
+            raise ValueError(f"{self.container}: {self.unscannable}; use --scan_layers=false")
+        container = self.scan_container or self.container
+        if self.cycle == 1 and not self.position_rules:
+            return [(container, self.layers, self.rules)]
+        scanned = self.layers[: self.whole_cycles()]
+        blocks = [scanned[i : i + self.cycle] for i in range(0, len(scanned), self.cycle)]
+        slots = self.slots or tuple((f"{self.cycle_name}_{b}", (b,)) for b in range(self.cycle))
+        stacks = []
+        for name, positions in slots:
+            if len(positions) == 1:
+                layers: tuple = tuple(block[positions[0]] for block in blocks)
+            else:
+                layers = tuple(tuple(block[p] for p in positions) for block in blocks)
+            stacks.append((f"{container}/{name}", layers, self.rules_at(positions[0])))
+        return stacks
+
+    def remainder_layers(self) -> list[tuple[str, int, tuple[ParamRule, ...]]]:
+        """(container, layer number, rules) of each unstacked remainder layer when scanned."""
+        n = self.whole_cycles()
+        return [
+            (f"{self.remainder}/{self.cycle_name}_{r}", layer, self.rules_at(n + r))
+            for r, layer in enumerate(self.layers[n:])
+        ]
 
 
 @dataclass(frozen=True)
@@ -110,6 +189,10 @@ class ModelMap:
     known_extras: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
     layer_groups: tuple[LayerGroup, ...] = ()
+    # (prefix in the rules, prefixes a checkpoint may use instead): the planner reads a key under
+    # the first spelling the checkpoint has (Gemma3: `language_model.model.` as save_pretrained
+    # writes it, or MaxText's `model.language_model.`).
+    key_aliases: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def groups(self) -> tuple[LayerGroup, ...]:
         if self.layer_groups:
@@ -180,31 +263,61 @@ def _global_target(rule: ParamRule) -> TargetParam:
 
 
 def _layer_target(rule: ParamRule, container: str, layers: Sequence[int], position: int | None) -> TargetParam:
-    """Scanned stack over `layers` (position None), or the unscanned layer at `position`."""
+    """Scanned stack over `layers` (position None), the unscanned layer at `position`, or (position
+    -1) one unstacked layer directly under `container` (a remainder layer)."""
     slab = rule.slab_shape
     per_layer = ((rule.experts,) if rule.experts else ()) + slab
     expert_axes = (0,) if rule.experts else ()
     experts = range(rule.experts) if rule.experts else [None]
+    if position is None and layers and isinstance(layers[0], tuple):
+        # A scan nested in the block scan: [block][position] at param_scan_axis and the next axis.
+        blocks, inner = len(layers), len(layers[0])
+        shape = per_layer[:PARAM_SCAN_AXIS] + (blocks, inner) + per_layer[PARAM_SCAN_AXIS:]
+        keys = [{"expert": e, "layer": rule.hf_layer(n)} for e in experts for block in layers for n in block]
+        path = PARAMS_PREFIX + _split(container) + _split(rule.target)
+        return _target(rule, path, shape, expert_axes + (PARAM_SCAN_AXIS, PARAM_SCAN_AXIS + 1), keys)
     if position is None:
         shape = per_layer[:PARAM_SCAN_AXIS] + (len(layers),) + per_layer[PARAM_SCAN_AXIS:]
-        keys = [{"expert": e, "layer": layer} for e in experts for layer in layers]
+        keys = [{"expert": e, "layer": rule.hf_layer(layer)} for e in experts for layer in layers]
         path = PARAMS_PREFIX + _split(container) + _split(rule.target)
         return _target(rule, path, shape, expert_axes + (PARAM_SCAN_AXIS,), keys)
     (layer,) = layers
-    parent, last = _split(container)[:-1], _split(container)[-1]
-    path = PARAMS_PREFIX + parent + (f"{last}_{position}",) + _split(rule.target)
-    return _target(rule, path, per_layer, expert_axes, [{"expert": e, "layer": layer} for e in experts])
+    if position < 0:
+        path = PARAMS_PREFIX + _split(container) + _split(rule.target)
+    else:
+        parent, last = _split(container)[:-1], _split(container)[-1]
+        path = PARAMS_PREFIX + parent + (f"{last}_{position}",) + _split(rule.target)
+    keys = [{"expert": e, "layer": rule.hf_layer(layer)} for e in experts]
+    return _target(rule, path, per_layer, expert_axes, keys)
+
+
+def _group_targets(group: LayerGroup, scan_layers: bool) -> list[TargetParam]:
+    targets = []
+    if scan_layers:
+        stacks = group.scan_stacks()
+        # Shared rules first, stack by stack (the order every homogeneous family always had).
+        for rule in group.rules:
+            targets.extend(_layer_target(rule, c, layers, None) for c, layers, _ in stacks if layers)
+        for c, layers, rules in stacks:
+            if layers:
+                targets.extend(_layer_target(r, c, layers, None) for r in rules[len(group.rules) :])
+        for c, layer, rules in group.remainder_layers():
+            targets.extend(_layer_target(r, c, [layer], -1) for r in rules)
+        return targets
+    first = group.first_index
+    for rule in group.rules:
+        targets.extend(_layer_target(rule, group.container, [n], first + i) for i, n in enumerate(group.layers))
+    for i, n in enumerate(group.layers):
+        extra = group.rules_at(i)[len(group.rules) :]
+        targets.extend(_layer_target(r, group.container, [n], first + i) for r in extra)
+    return targets
 
 
 def expand_targets(model_map: ModelMap, scan_layers: bool) -> list[TargetParam]:
     """The full list of MaxText leaves for a map, scanned or one array per layer."""
     targets = [_global_target(r) for r in model_map.global_rules]
     for group in model_map.groups():
-        for rule in group.rules:
-            if scan_layers:
-                targets.extend(_layer_target(rule, c, layers, None) for c, layers in group.scan_stacks() if layers)
-            else:
-                targets.extend(_layer_target(rule, group.container, [hf], i) for i, hf in enumerate(group.layers))
+        targets.extend(_group_targets(group, scan_layers))
     names = [t.name for t in targets]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})

@@ -11,11 +11,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ckpt_transforms.specs import ModelMap
+from model_maps.common import ConfigError
 from model_maps.deepseek import deepseek_map
+from model_maps.gemma2 import gemma2_map
+from model_maps.gemma3 import gemma3_map
+from model_maps.gemma4 import gemma4_map
 from model_maps.gpt_oss import gpt_oss_map
 from model_maps.llama import llama_map
 from model_maps.mixtral import mixtral_map
+from model_maps.olmo3 import olmo3_map
 from model_maps.qwen import qwen3_moe_map, qwen_map
+from model_maps.qwen3_next import qwen3_next_map
 
 # Bump when any map's output changes, so re-conversion jobs know old checkpoints are stale.
 MAP_VERSION = "1"
@@ -23,8 +29,11 @@ MAP_VERSION = "1"
 
 @dataclass(frozen=True)
 class Family:
+    """`builder(config)` makes the map; a `multimodal` family's builder also takes
+    `use_multimodal` (MaxText's flag: convert the vision tower too, or only the text decoder)."""
+
     name: str
-    build: Callable[[dict], ModelMap]
+    builder: Callable[..., ModelMap]
     model_types: tuple[str, ...]
     architectures: tuple[str, ...]
     maxtext_names: tuple[str, ...]
@@ -33,6 +42,15 @@ class Family:
     unscan: bool = True
     directions: str = "HF → MaxText"
     quantized_sources: str = "—"
+    multimodal: bool = False
+
+    def build(self, config: dict, use_multimodal: bool | None = None) -> ModelMap:
+        """The family's map for `config`; `use_multimodal` None means MaxText's default (false)."""
+        if self.multimodal:
+            return self.builder(config, use_multimodal=bool(use_multimodal))
+        if use_multimodal:
+            raise ConfigError(f"--use_multimodal: {self.name} has no vision tower to convert")
+        return self.builder(config)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -131,6 +149,67 @@ FAMILIES: tuple[Family, ...] = (
         "attention sinks and biases; fused gate_up_proj split even/odd into wi_0/wi_1; "
         "scanned as layers/layers_0, layers/layers_1 (sliding/full cycle)",
         quantized_sources="MXFP4 experts (_blocks/_scales)",
+    ),
+    Family(
+        "gemma2",
+        gemma2_map,
+        ("gemma2",),
+        ("Gemma2ForCausalLM",),
+        ("gemma2-2b", "gemma2-9b", "gemma2-27b"),
+        "HF layers 2i/2i+1 form MaxText layer i (`*_local`/`*_global`); query scaled by 1/sqrt(head_dim); "
+        "norms stored as scale + 1 (float32); embedding scaled by sqrt(hidden), 256000 rows padded to 256128",
+    ),
+    Family(
+        "gemma3",
+        gemma3_map,
+        ("gemma3", "gemma3_text"),
+        ("Gemma3ForConditionalGeneration", "Gemma3ForCausalLM"),
+        ("gemma3-4b", "gemma3-12b", "gemma3-27b"),
+        "text decoder scanned as layers/layers_0..5 + layers_remainder; with --use_multimodal=true also the "
+        "SigLIP vision tower and projector; norms scale + 1 (float32); embedding scaled by bf16 sqrt(hidden), "
+        "262208 rows cut to 262144; reads language_model.model.* / vision_tower.* names as saved",
+        multimodal=True,
+    ),
+    Family(
+        "gemma4",
+        gemma4_map,
+        ("gemma4", "gemma4_text"),
+        ("Gemma4ForConditionalGeneration", "Gemma4ForCausalLM"),
+        ("gemma4-26b", "gemma4-31b"),
+        "scanned as scanned_blocks/local_layers ([block][local] at axes 1, 2) + scanned_blocks/global_layer; "
+        "global layers with their own head_dim/KV heads, no value kernel when K=V; MoE (26B) gate_up_proj "
+        "halves into wi_0/wi_1, shared expert, per-expert scale; --use_multimodal=true adds the vision tower",
+        multimodal=True,
+    ),
+    # Detected as gemma4 (the same map handles both, from config.json); listed apart because
+    # MaxText converts E2B/E4B only unscanned and text-only.
+    Family(
+        "gemma4_small",
+        gemma4_map,
+        ("gemma4", "gemma4_text"),
+        ("Gemma4ForConditionalGeneration", "Gemma4ForCausalLM"),
+        ("gemma4-e2b", "gemma4-e4b"),
+        "per-layer embeddings (PLE); the last num_kv_shared_layers layers without K/V (double-wide MLP when "
+        "use_double_wide_mlp); text only; MaxText's gemma4_small decoder has no scanned form",
+        scan=False,
+        multimodal=True,
+    ),
+    Family(
+        "olmo3",
+        olmo3_map,
+        ("olmo3",),
+        ("Olmo3ForCausalLM",),
+        ("olmo3-7b", "olmo3-7b-pt", "olmo3-32b"),
+        "post-norm layers; q/k norms over all heads; scanned as layers/layers_0..3 (3 sliding + 1 full)",
+    ),
+    Family(
+        "qwen3_next",
+        qwen3_next_map,
+        ("qwen3_next",),
+        ("Qwen3NextForCausalLM",),
+        ("qwen3-next-80b-a3b",),
+        "gated-delta-net linear attention + full attention every Nth layer (scanned as layers/layer_0..N-1); "
+        "MoE with shared expert and its gate; experts stacked on axis 0; MTP head reported as known extras",
     ),
 )
 

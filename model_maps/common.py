@@ -8,13 +8,16 @@ from dataclasses import dataclass
 
 from ckpt_transforms import quant
 from ckpt_transforms.ops import (
+    AddScalar,
     DequantFP8,
     Op,
+    PadAxis,
     RopeInterleave,
     RoundOnce,
     ScaleBySqrt,
     SplitAxis,
     Transpose,
+    TruncateAxis,
     split_decode,
 )
 from ckpt_transforms.specs import Aux, ParamRule
@@ -88,10 +91,12 @@ def attention_rules(
     bias: bool = False,
     qk_norm: bool = False,
     prefix: str = "self_attention",
+    layer: str = LAYER,
 ) -> list[ParamRule]:
     """Self-attention rows. `rope_interleave`/`scale_query` follow MaxText's per-family hooks;
-    `prefix` is the attention module's name in MaxText (GPT-OSS: GptOssAttention)."""
-    a = f"{LAYER}.self_attn"
+    `prefix` is the attention module's name in MaxText (GPT-OSS: GptOssAttention); `layer` the
+    HF layer prefix (Gemma3: model.language_model.layers.{layer})."""
+    a = f"{layer}.self_attn"
     t = prefix
     q_ops = heads_kernel(d.head_dim)
     k_ops = heads_kernel(d.head_dim)
@@ -224,3 +229,35 @@ def fp8_weight(rule: ParamRule, block: tuple[int, int]) -> ParamRule:
     """The same rule reading an FP8 weight and its `<key>_scale_inv` grid, dequantized first."""
     scale = Aux(rule.hf_key + "_scale_inv", quant.scale_grid_shape(rule.source_shape, block), row_block=block[0])
     return dataclasses.replace(rule, ops=(DequantFP8(block),) + rule.ops, aux=(scale,))
+
+
+# Gemma's RMSNorm weights are zero-centred in HF (applied as 1 + w); MaxText stores 1 + w.
+NORM_PLUS_ONE: tuple[Op, ...] = (AddScalar(1.0),)
+
+
+def vocab_resize(hf_vocab: int, maxtext_vocab: int) -> tuple[Op, ...]:
+    """Rows of the embedding to MaxText's vocabulary: zero-padded (more rows) or cut (fewer),
+    as MaxText's pad/truncate embedding hooks do; nothing when the sizes agree."""
+    if maxtext_vocab > hf_vocab:
+        return (PadAxis(0, maxtext_vocab, hf_vocab),)
+    if maxtext_vocab < hf_vocab:
+        return (TruncateAxis(0, maxtext_vocab, hf_vocab),)
+    return ()
+
+
+def sub_config(config: dict, name: str) -> dict:
+    """A nested config (text_config / vision_config); a ConfigError names what is missing."""
+    sub = config.get(name)
+    if not isinstance(sub, dict):
+        raise ConfigError(f"config.json has no {name!r} object")
+    return sub
+
+
+def check_layer_types(config: dict, pattern: tuple[str, ...], family: str, layers: int) -> None:
+    """config.json's layer_types, when present, must follow MaxText's fixed attention pattern."""
+    types = config.get("layer_types")
+    expected = [pattern[i % len(pattern)] for i in range(layers)]
+    if types is not None and list(types) != expected:
+        raise ConfigError(
+            f"layer_types {list(types)!r} is not the repeating {'/'.join(pattern)} pattern MaxText's {family} decoder uses"
+        )

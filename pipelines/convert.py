@@ -33,12 +33,15 @@ def make_plan(opts: ConvertOptions, byte_source: ByteSource | None = None) -> tu
     """The plan and the provenance record of this conversion, from headers only."""
     source = load_source_model(byte_source or open_source(opts.source))
     family = model_maps.detect_family(source.config, opts.model)
-    plan = build_plan(source, family.build(source.config), opts.scan_layers, opts.save_dtype, opts.max_item_bytes)
+    model_map = family.build(source.config, use_multimodal=opts.use_multimodal)
+    plan = build_plan(source, model_map, opts.scan_layers, opts.save_dtype, opts.max_item_bytes)
     layout = {
         "scan_layers": opts.scan_layers,
         "save_dtype": opts.save_dtype,
         "max_item_bytes": opts.max_item_bytes,  # decides chunk shapes
     }
+    if opts.use_multimodal:
+        layout["use_multimodal"] = True  # only when set, so earlier provenance records stay equal
     return plan, provenance_record(source, family.name, model_maps.MAP_VERSION, layout)
 
 

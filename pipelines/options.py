@@ -54,7 +54,8 @@ class ConvertOptions(PipelineOptions):
         parser.add_argument(
             "--model",
             default=None,
-            help="Family (llama, mistral, qwen2, qwen3, mixtral) or MaxText model name (llama3.1-8b, qwen3-4b, ...); "
+            help="Family (see README's support table: llama, qwen3, deepseek3, gemma3, ...) or MaxText model name "
+            "(llama3.1-8b, qwen3-4b, deepseek3-671b, gemma2-9b, ...); "
             "default: detected from config.json",
         )
         parser.add_argument(
@@ -65,6 +66,15 @@ class ConvertOptions(PipelineOptions):
         )
         parser.add_argument(
             "--save_dtype", choices=sorted(SAVE_DTYPES), default="bfloat16", help="dtype of the saved weights"
+        )
+        parser.add_argument(
+            "--use_multimodal",
+            type=str2bool,
+            nargs="?",
+            const=True,
+            default=False,
+            help="Multimodal checkpoints (Gemma3): also convert the vision tower and projector (true), or only "
+            "the text decoder (false, MaxText's default)",
         )
         parser.add_argument(
             "--max_item_bytes",

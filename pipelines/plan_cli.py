@@ -36,19 +36,21 @@ def _config_only(path: str) -> str | None:
     return None
 
 
-def make_plan(source: str, model: str | None, scan_layers: bool, save_dtype: str, budget: int) -> tuple[Plan, bool]:
+def make_plan(
+    source: str, model: str | None, scan_layers: bool, save_dtype: str, budget: int, use_multimodal: bool = False
+) -> tuple[Plan, bool]:
     """(plan, synthesized?) for a model directory/URI or a bare config.json."""
     config_path = _config_only(source)
     if config_path:
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
-        family = model_maps.detect_family(config, model)
-        model_map = family.build(config)
+        model_map = model_maps.detect_family(config, model).build(config, use_multimodal=use_multimodal)
         model_source = synthetic_source(config, model_map, config_path, scan_layers)
         return build_plan(model_source, model_map, scan_layers, save_dtype, budget), True
     model_source = load_source_model(open_source(source))
     family = model_maps.detect_family(model_source.config, model)
-    return build_plan(model_source, family.build(model_source.config), scan_layers, save_dtype, budget), False
+    model_map = family.build(model_source.config, use_multimodal=use_multimodal)
+    return build_plan(model_source, model_map, scan_layers, save_dtype, budget), False
 
 
 def estimate_seconds(plan: Plan, workers: int, worker_mb_s: float) -> float:
@@ -66,10 +68,13 @@ def plan_command(argv: list[str]) -> int:
     parser.add_argument("--scan_layers", type=str2bool, default=True)
     parser.add_argument("--save_dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--max_item_bytes", type=parse_bytes, default=DEFAULT_MAX_ITEM_BYTES)
+    parser.add_argument("--use_multimodal", type=str2bool, default=False)
     parser.add_argument("--workers", type=int, default=1, help="workers (one work item each at a time)")
     parser.add_argument("--worker_mb_s", type=float, default=DEFAULT_WORKER_MB_S, help="MB/s one worker converts")
     args = parser.parse_args(argv)
-    plan, synthesized = make_plan(args.source, args.model, args.scan_layers, args.save_dtype, args.max_item_bytes)
+    plan, synthesized = make_plan(
+        args.source, args.model, args.scan_layers, args.save_dtype, args.max_item_bytes, args.use_multimodal
+    )
     summary = plan.summary()
     origin = "headers synthesized from config.json" if synthesized else "real safetensors headers"
     print(f"ckptbeam plan for {args.source} ({origin}):\n{format_summary(summary)}")

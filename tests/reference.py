@@ -132,13 +132,17 @@ def _kernel(w: np.ndarray, *shape: int) -> np.ndarray:
     return w.T.reshape(shape) if shape else w.T
 
 
-def expected_leaves(model_dir: str, scan_layers: bool, save_dtype: str = "bfloat16") -> dict[str, np.ndarray]:
+def expected_leaves(
+    model_dir: str, scan_layers: bool, save_dtype: str = "bfloat16", use_multimodal: bool = False
+) -> dict[str, np.ndarray]:
     """Dotted Orbax leaf name -> expected array (without `step`)."""
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
     t = dequantized_state(model_dir, cfg)
     save = SAVE[save_dtype]
     mt = cfg["model_type"]
+    if mt in MORE_FAMILIES:
+        return MORE_FAMILIES[mt](cfg, {k: v.astype(save) for k, v in t.items()}, scan_layers, use_multimodal)
     hidden, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
     n_kv = cfg.get("num_key_value_heads") or n_heads
     head_dim = cfg.get("head_dim") or hidden // n_heads
@@ -288,3 +292,405 @@ def expected_leaves(model_dir: str, scan_layers: bool, save_dtype: str = "bfloat
     else:
         put("layers", list(range(n_layers)), layer_params)
     return leaves
+
+
+# --------------------------------------------------------------------------- Olmo3, Gemma2/3/4, Qwen3-Next
+#
+# Each hook below is written as MaxText's param_mapping.py hook computes it, on the arrays its
+# eager loader returns (every HF tensor already cast to the save dtype), with numpy's own dtype
+# rules: e.g. a bf16 array `+ 1.0` comes back float32 (ml_dtypes), `* np.float32(s)` is a float32
+# product cast back with `.astype`, `* bf16_scalar` stays bf16.
+
+P = "params.params."
+
+
+def _stack(per_layer: list[dict[str, np.ndarray]], axis: int = 1) -> dict[str, np.ndarray]:
+    return {name: np.stack([lp[name] for lp in per_layer], axis=axis) for name in per_layer[0]}
+
+
+def _prefixed(prefix: str, leaves: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {f"{prefix}{k}": v for k, v in leaves.items()}
+
+
+def _reshape_kernel(x: np.ndarray, *shape: int) -> np.ndarray:
+    return x.T.reshape(shape) if shape else x.T
+
+
+def _gemma_norm(x: np.ndarray) -> np.ndarray:
+    return x + 1.0  # scale_rmsnorm(_layer): float32 for a bf16 array
+
+
+def _cycled(n_layers: int, cycle: int, scan: bool, build, remainder: str | None = None) -> dict[str, np.ndarray]:
+    """Scanned: `layers.<cycle_name>_{b}` stacks over layers b, b+cycle, ... of whole cycles (plus
+    an unstacked remainder block); unscanned: `layers_{i}`. `build(i)` -> (cycle_name, leaves)."""
+    out: dict[str, np.ndarray] = {}
+    if not scan:
+        for i in range(n_layers):
+            out |= _prefixed(f"{P}decoder.layers_{i}.", build(i)[1])
+        return out
+    whole = n_layers - n_layers % cycle
+    for b in range(cycle):
+        layers = list(range(b, whole, cycle))
+        if layers:
+            name = build(b)[0]
+            out |= _prefixed(f"{P}decoder.layers.{name}_{b}.", _stack([build(i)[1] for i in layers]))
+    for r, i in enumerate(range(whole, n_layers)):
+        out |= _prefixed(f"{P}decoder.{remainder}.{build(i)[0]}_{r}.", build(i)[1])
+    return out
+
+
+def olmo3_leaves(cfg: dict, t: dict, scan: bool, use_multimodal: bool) -> dict[str, np.ndarray]:
+    """OLMO3 mapping + hooks: reshape_kernel, identity norms, 4-layer cycle when scanned."""
+    h, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or h // heads
+
+    def layer(i: int) -> tuple[str, dict[str, np.ndarray]]:
+        p = f"model.layers.{i}."
+        return "layers", {
+            "attention.query.kernel": _reshape_kernel(t[p + "self_attn.q_proj.weight"], h, heads, hd),
+            "attention.key.kernel": _reshape_kernel(t[p + "self_attn.k_proj.weight"], h, kv, hd),
+            "attention.value.kernel": _reshape_kernel(t[p + "self_attn.v_proj.weight"], h, kv, hd),
+            "attention.out.kernel": _reshape_kernel(t[p + "self_attn.o_proj.weight"], heads, hd, h),
+            "attention.query_norm.scale": t[p + "self_attn.q_norm.weight"],
+            "attention.key_norm.scale": t[p + "self_attn.k_norm.weight"],
+            "mlp.wi_0.kernel": _reshape_kernel(t[p + "mlp.gate_proj.weight"]),
+            "mlp.wi_1.kernel": _reshape_kernel(t[p + "mlp.up_proj.weight"]),
+            "mlp.wo.kernel": _reshape_kernel(t[p + "mlp.down_proj.weight"]),
+            "post_self_attention_layer_norm.scale": t[p + "post_attention_layernorm.weight"],
+            "post_mlp_layer_norm.scale": t[p + "post_feedforward_layernorm.weight"],
+        }
+
+    out = {
+        P + "token_embedder.embedding": t["model.embed_tokens.weight"],
+        P + "decoder.decoder_norm.scale": t["model.norm.weight"],
+        P + "decoder.logits_dense.kernel": _reshape_kernel(t["lm_head.weight"]),
+    }
+    return out | _cycled(cfg["num_hidden_layers"], 4, scan, layer)
+
+
+def gemma2_leaves(cfg: dict, t: dict, scan: bool, use_multimodal: bool) -> dict[str, np.ndarray]:
+    """GEMMA2 mapping + hooks: HF layers 2i (local) and 2i+1 (global) form MaxText layer i."""
+    h, heads, kv, hd = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+
+    def half(j: int, kind: str) -> dict[str, np.ndarray]:
+        p, a = f"model.layers.{j}.", f"self_attention_{kind}."
+        depth_scale = np.dtype("float32").type(1 / np.sqrt(hd))
+        q = _reshape_kernel(t[p + "self_attn.q_proj.weight"], h, heads, hd)
+        return {
+            a + "query.kernel": (q * depth_scale).astype(q.dtype),
+            a + "key.kernel": _reshape_kernel(t[p + "self_attn.k_proj.weight"], h, kv, hd),
+            a + "value.kernel": _reshape_kernel(t[p + "self_attn.v_proj.weight"], h, kv, hd),
+            a + "out.kernel": _reshape_kernel(t[p + "self_attn.o_proj.weight"], heads, hd, h),
+            f"mlp_{kind}.wi_0.kernel": _reshape_kernel(t[p + "mlp.gate_proj.weight"]),
+            f"mlp_{kind}.wi_1.kernel": _reshape_kernel(t[p + "mlp.up_proj.weight"]),
+            f"mlp_{kind}.wo.kernel": _reshape_kernel(t[p + "mlp.down_proj.weight"]),
+            f"pre_self_attention_norm_{kind}.scale": _gemma_norm(t[p + "input_layernorm.weight"]),
+            f"post_self_attention_norm_{kind}.scale": _gemma_norm(t[p + "post_attention_layernorm.weight"]),
+            f"pre_ffw_norm_{kind}.scale": _gemma_norm(t[p + "pre_feedforward_layernorm.weight"]),
+            f"post_ffw_norm_{kind}.scale": _gemma_norm(t[p + "post_feedforward_layernorm.weight"]),
+        }
+
+    def layer(i: int) -> tuple[str, dict[str, np.ndarray]]:
+        return "layers", half(2 * i, "local") | half(2 * i + 1, "global")
+
+    emb = t["model.embed_tokens.weight"]
+    rows = 256128 if emb.shape[0] == 256000 else emb.shape[0]  # gemma2-*.yml vocab_size
+    padded = np.zeros((rows, emb.shape[1]), dtype=emb.dtype)
+    padded[: emb.shape[0]] = emb
+    normalizer = np.dtype("float32").type(h**0.5)
+    out = {
+        P + "token_embedder.embedding": (padded * normalizer).astype(emb.dtype),
+        P + "decoder.decoder_norm.scale": _gemma_norm(t["model.norm.weight"]),
+    }
+    n = cfg["num_hidden_layers"] // 2
+    if scan:
+        return out | _prefixed(P + "decoder.layers.", _stack([layer(i)[1] for i in range(n)]))
+    return out | {f"{P}decoder.layers_{i}.{k}": v for i in range(n) for k, v in layer(i)[1].items()}
+
+
+GEMMA3_SPELLINGS = {
+    "model.language_model.": ("model.language_model.", "language_model.model.", "model."),
+    "model.vision_tower.vision_model.": (
+        "model.vision_tower.vision_model.",
+        "vision_tower.vision_model.",
+        "vision_tower.",
+    ),
+    "model.multi_modal_projector.": ("model.multi_modal_projector.", "multi_modal_projector."),
+}
+
+
+def _spelled(t: dict, key: str) -> np.ndarray:
+    """MaxText's key under whichever spelling the file has (to_maxtext's mapping names)."""
+    for canonical, spellings in GEMMA3_SPELLINGS.items():
+        if key.startswith(canonical):
+            for s in spellings:
+                if s + key[len(canonical) :] in t:
+                    return t[s + key[len(canonical) :]]
+    return t[key]
+
+
+def gemma3_leaves(cfg: dict, t: dict, scan: bool, use_multimodal: bool) -> dict[str, np.ndarray]:
+    """GEMMA3 mapping + hooks: 6-layer scan blocks + remainder; vision tower when multimodal."""
+    tc = cfg.get("text_config", cfg)
+    h, heads, kv, hd = tc["hidden_size"], tc["num_attention_heads"], tc["num_key_value_heads"], tc["head_dim"]
+
+    def get(key: str) -> np.ndarray:
+        return _spelled(t, key)
+
+    def layer(i: int) -> tuple[str, dict[str, np.ndarray]]:
+        p = f"model.language_model.layers.{i}."
+        return "layers", {
+            "pre_self_attention_norm.scale": _gemma_norm(get(p + "input_layernorm.weight")),
+            "post_self_attention_norm.scale": _gemma_norm(get(p + "post_attention_layernorm.weight")),
+            "self_attention.query_norm.scale": _gemma_norm(get(p + "self_attn.q_norm.weight")),
+            "self_attention.key_norm.scale": _gemma_norm(get(p + "self_attn.k_norm.weight")),
+            "pre_ffw_norm.scale": _gemma_norm(get(p + "pre_feedforward_layernorm.weight")),
+            "post_ffw_norm.scale": _gemma_norm(get(p + "post_feedforward_layernorm.weight")),
+            "self_attention.query.kernel": _reshape_kernel(get(p + "self_attn.q_proj.weight"), h, heads, hd),
+            "self_attention.key.kernel": _reshape_kernel(get(p + "self_attn.k_proj.weight"), h, kv, hd),
+            "self_attention.value.kernel": _reshape_kernel(get(p + "self_attn.v_proj.weight"), h, kv, hd),
+            "self_attention.out.kernel": _reshape_kernel(get(p + "self_attn.o_proj.weight"), heads, hd, h),
+            "mlp.wi_0.kernel": _reshape_kernel(get(p + "mlp.gate_proj.weight")),
+            "mlp.wi_1.kernel": _reshape_kernel(get(p + "mlp.up_proj.weight")),
+            "mlp.wo.kernel": _reshape_kernel(get(p + "mlp.down_proj.weight")),
+        }
+
+    emb = get("model.language_model.embed_tokens.weight")
+    normalizer = np.dtype("bfloat16").type(h**0.5)
+    scaled = (emb * normalizer).astype(emb.dtype)
+    rows = 262144 if emb.shape[0] == 262208 else emb.shape[0]  # gemma3-*.yml vocab_size
+    if rows < emb.shape[0]:
+        scaled = scaled[:rows]
+    out = {
+        P + "token_embedder.embedding": scaled,
+        P + "decoder.decoder_norm.scale": _gemma_norm(get("model.language_model.norm.weight")),
+    }
+    out |= _cycled(tc["num_hidden_layers"], 6, scan, layer, remainder="layers_remainder")
+    if use_multimodal:
+        out |= gemma3_vision_leaves(cfg["vision_config"], h, get)
+    return out
+
+
+def gemma3_vision_leaves(vc: dict, text_hidden: int, get) -> dict[str, np.ndarray]:
+    w, heads, n = vc["hidden_size"], vc["num_attention_heads"], vc["num_hidden_layers"]
+    hd = w // heads
+    v, ve = "model.vision_tower.vision_model.", P + "vision_encoder.Gemma3VisionEncoderLayer_0."
+    out = {
+        ve + "embedding.kernel": get(v + "embeddings.patch_embedding.weight").transpose(2, 3, 1, 0),
+        ve + "embedding.bias": get(v + "embeddings.patch_embedding.bias"),
+        ve + "pos_embedding": get(v + "embeddings.position_embedding.weight")[None, :, :],
+        ve + "Transformer.encoder_norm.scale": get(v + "post_layernorm.weight"),
+        ve + "Transformer.encoder_norm.bias": get(v + "post_layernorm.bias"),
+    }
+    for i in range(n):
+        p, b = f"{v}encoder.layers.{i}.", f"{ve}Transformer.encoderblock_{i}."
+        m = b + "MultiHeadDotProductAttention_0."
+        out |= {
+            b + "LayerNorm_0.scale": get(p + "layer_norm1.weight"),
+            b + "LayerNorm_0.bias": get(p + "layer_norm1.bias"),
+            b + "LayerNorm_1.scale": get(p + "layer_norm2.weight"),
+            b + "LayerNorm_1.bias": get(p + "layer_norm2.bias"),
+            m + "out.kernel": _reshape_kernel(get(p + "self_attn.out_proj.weight"), heads, hd, w),
+            m + "out.bias": get(p + "self_attn.out_proj.bias").reshape(w),
+            b + "MlpBlockViT_0.Dense_0.kernel": _reshape_kernel(get(p + "mlp.fc1.weight")),
+            b + "MlpBlockViT_0.Dense_0.bias": get(p + "mlp.fc1.bias"),
+            b + "MlpBlockViT_0.Dense_1.kernel": _reshape_kernel(get(p + "mlp.fc2.weight")),
+            b + "MlpBlockViT_0.Dense_1.bias": get(p + "mlp.fc2.bias"),
+        }
+        for name in ("q", "k", "v"):
+            full = {"q": "query", "k": "key", "v": "value"}[name]
+            out[m + f"{full}.kernel"] = _reshape_kernel(get(p + f"self_attn.{name}_proj.weight"), w, heads, hd)
+            out[m + f"{full}.bias"] = get(p + f"self_attn.{name}_proj.bias").reshape(heads, hd)
+    e = P + "vision_encoder.VisionEmbedder_0."
+    out[e + "mm_input_projection.w"] = get("model.multi_modal_projector.mm_input_projection_weight")
+    out[e + "mm_soft_embedding_norm.scale"] = _gemma_norm(get("model.multi_modal_projector.mm_soft_emb_norm.weight"))
+    return out
+
+
+def qwen3_next_leaves(cfg: dict, t: dict, scan: bool, use_multimodal: bool) -> dict[str, np.ndarray]:
+    """QWEN3_NEXT mapping + hooks: cycle of linear-attention layers closed by a full-attention one."""
+    h, heads, kv, hd = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    n_layers, e = cfg["num_hidden_layers"], cfg["num_experts"]
+    cycle = cfg["layer_types"].index("full_attention") + 1
+
+    def layer(i: int) -> tuple[str, dict[str, np.ndarray]]:
+        p = f"model.layers.{i}."
+        out = {
+            "input_layernorm.scale": t[p + "input_layernorm.weight"],
+            "post_attention_layernorm.scale": t[p + "post_attention_layernorm.weight"],
+            "mlp.routed_experts.gate.kernel": t[p + "mlp.gate.weight"].T,
+            "mlp.shared_expert.wi_0.kernel": t[p + "mlp.shared_expert.gate_proj.weight"].T,
+            "mlp.shared_expert.wi_1.kernel": t[p + "mlp.shared_expert.up_proj.weight"].T,
+            "mlp.shared_expert.wo.kernel": t[p + "mlp.shared_expert.down_proj.weight"].T,
+            "mlp.shared_expert_gate.kernel": t[p + "mlp.shared_expert_gate.weight"].T,
+        }
+        for name, hf in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj")):
+            out[f"mlp.routed_experts.{name}"] = np.stack([t[f"{p}mlp.experts.{j}.{hf}.weight"].T for j in range(e)])
+        if (i % cycle + 1) % cycle == 0:
+            a, s = "attention.attention.", p + "self_attn."
+            out |= {
+                a + "query.kernel": _reshape_kernel(t[s + "q_proj.weight"], h, heads, 2 * hd),
+                a + "key.kernel": _reshape_kernel(t[s + "k_proj.weight"], h, kv, hd),
+                a + "value.kernel": _reshape_kernel(t[s + "v_proj.weight"], h, kv, hd),
+                a + "out.kernel": _reshape_kernel(t[s + "o_proj.weight"], heads, hd, h),
+                a + "query_norm.scale": t[s + "q_norm.weight"],
+                a + "key_norm.scale": t[s + "k_norm.weight"],
+            }
+        else:
+            s = p + "linear_attn."
+            out |= {
+                "attention.in_proj_qkvz.kernel": t[s + "in_proj_qkvz.weight"].T,
+                "attention.in_proj_ba.kernel": t[s + "in_proj_ba.weight"].T,
+                "attention.out_proj.kernel": t[s + "out_proj.weight"].T,
+                "attention.conv1d.kernel": t[s + "conv1d.weight"].transpose(2, 1, 0),
+                "attention.A_log": t[s + "A_log"],
+                "attention.dt_bias": t[s + "dt_bias"],
+                "attention.norm.rms_norm.scale": t[s + "norm.weight"],
+            }
+        return "layer", out
+
+    out = {
+        P + "token_embedder.embedding": t["model.embed_tokens.weight"],
+        P + "decoder.decoder_norm.scale": t["model.norm.weight"],
+        P + "decoder.logits_dense.kernel": t["lm_head.weight"].T,
+    }
+    # Experts are [experts, ...] per layer: stacking layers at axis 1 gives [experts, layers, ...].
+    return out | _cycled(n_layers, cycle, scan, layer)
+
+
+def _gemma4_dims(tc: dict) -> tuple[int, int, int]:
+    """(global head_dim, global kv heads) from per_layer_config or the official spelling."""
+    plc = tc.get("per_layer_config") or {}
+    if plc:
+        o = next(iter(plc.values()))
+        return o.get("head_dim", tc["head_dim"]), o.get("num_key_value_heads", tc["num_key_value_heads"])
+    kv = tc.get("num_global_key_value_heads") if tc.get("attention_k_eq_v") else None
+    return tc.get("global_head_dim", 512), kv or tc["num_key_value_heads"]
+
+
+def gemma4_leaves(cfg: dict, t: dict, scan: bool, use_multimodal: bool) -> dict[str, np.ndarray]:
+    """GEMMA4 / GEMMA4_SMALL mappings + hooks (identity norms, fused expert halves, nested scan)."""
+    tc = cfg.get("text_config", cfg)
+    h, heads, kv, hd, n = (
+        tc[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "num_hidden_layers")
+    )
+    ghd, gkv = _gemma4_dims(tc)
+    types = tc["layer_types"]
+    ple = tc.get("hidden_size_per_layer_input") or 0
+    n_shared = tc.get("num_kv_shared_layers") or 0
+    small = bool(ple or n_shared)
+    moe = (tc.get("num_experts") or 1) > 1
+    base = "model.language_model."
+
+    def layer(i: int) -> dict[str, np.ndarray]:
+        p, a = f"{base}layers.{i}.", "self_attention."
+        is_global = types[i] == "full_attention"
+        d, k = (ghd, gkv) if is_global else (hd, kv)
+        shared = small and i >= n - n_shared
+        out = {
+            "pre_self_attention_norm.scale": t[p + "input_layernorm.weight"],
+            "post_self_attention_norm.scale": t[p + "post_attention_layernorm.weight"],
+            "pre_ffw_norm.scale": t[p + "pre_feedforward_layernorm.weight"],
+            "post_ffw_norm.scale": t[p + "post_feedforward_layernorm.weight"],
+            "layer_scalar": t[p + "layer_scalar"].reshape(1),
+            a + "query.kernel": _reshape_kernel(t[p + "self_attn.q_proj.weight"], h, heads, d),
+            a + "out.kernel": _reshape_kernel(t[p + "self_attn.o_proj.weight"], heads, d, h),
+            a + "query_norm.scale": t[p + "self_attn.q_norm.weight"],
+        }
+        if not shared:
+            out[a + "key.kernel"] = _reshape_kernel(t[p + "self_attn.k_proj.weight"], h, k, d)
+            out[a + "key_norm.scale"] = t[p + "self_attn.k_norm.weight"]
+            if p + "self_attn.v_proj.weight" in t:  # absent on K=V global layers (share_kv_projections)
+                out[a + "value.kernel"] = _reshape_kernel(t[p + "self_attn.v_proj.weight"], h, k, d)
+        mlp = "mlp.moe_block.shared_experts." if moe else "mlp."
+        out |= {
+            mlp + "wi_0.kernel": _reshape_kernel(t[p + "mlp.gate_proj.weight"]),
+            mlp + "wi_1.kernel": _reshape_kernel(t[p + "mlp.up_proj.weight"]),
+            mlp + "wo.kernel": _reshape_kernel(t[p + "mlp.down_proj.weight"]),
+        }
+        if moe:
+            gate_up, ff = t[p + "experts.gate_up_proj"], tc["moe_intermediate_size"]
+            b = "mlp.moe_block.MoeBlock_0."
+            out |= {
+                b + "gate.kernel": _reshape_kernel(t[p + "router.proj.weight"]),
+                b + "wi_0": gate_up[:, :ff, :].transpose(0, 2, 1),  # split_moe_wi0
+                b + "wi_1": gate_up[:, ff:, :].transpose(0, 2, 1),  # split_moe_wi1
+                b + "wo": t[p + "experts.down_proj"].transpose(0, 2, 1),  # reshape_moe_wo
+                b + "per_expert_scale": t[p + "router.per_expert_scale"],
+                "mlp.pre_forward_scale_2": t[p + "router.scale"],
+                "mlp.pre_feedforward_layernorm_2.scale": t[p + "pre_feedforward_layernorm_2.weight"],
+                "mlp.post_feedforward_layernorm_1.scale": t[p + "post_feedforward_layernorm_1.weight"],
+                "mlp.post_feedforward_layernorm_2.scale": t[p + "post_feedforward_layernorm_2.weight"],
+            }
+        if ple:
+            out |= {
+                "per_layer_input_gate.kernel": _reshape_kernel(t[p + "per_layer_input_gate.weight"]),
+                "per_layer_projection.kernel": _reshape_kernel(t[p + "per_layer_projection.weight"]),
+                "post_per_layer_input_norm.scale": t[p + "post_per_layer_input_norm.weight"],
+            }
+        return out
+
+    emb = t[base + "embed_tokens.weight"]
+    normalizer = np.dtype("float32").type(h**0.5)
+    out = {
+        P + "token_embedder.embedding": (np.zeros_like(emb) + emb) * normalizer,
+        P + "decoder.decoder_norm.scale": t[base + "norm.weight"],
+    }
+    out[P + "token_embedder.embedding"] = out[P + "token_embedder.embedding"].astype(emb.dtype)
+    if ple:
+        e = P + "decoder.per_layer_embedder."
+        out[e + "embed_tokens_per_layer"] = t[base + "embed_tokens_per_layer.weight"]
+        out[e + "per_layer_model_projection.kernel"] = _reshape_kernel(t[base + "per_layer_model_projection.weight"])
+        out[e + "per_layer_projection_norm.scale"] = t[base + "per_layer_projection_norm.weight"]
+    if not scan:
+        for i in range(n):
+            out |= _prefixed(f"{P}decoder.layers_{i}.", layer(i))
+    else:
+        blocks = n // 6
+        local = [[layer(6 * b + j) for j in range(5)] for b in range(blocks)]
+        for name in local[0][0]:
+            stacked = np.stack([np.stack([lp[name] for lp in row]) for row in local])  # (blocks, local, ...)
+            out[f"{P}decoder.scanned_blocks.local_layers.{name}"] = np.moveaxis(stacked, (0, 1), (1, 2))
+        out |= _prefixed(f"{P}decoder.scanned_blocks.global_layer.", _stack([layer(6 * b + 5) for b in range(blocks)]))
+    if use_multimodal:
+        vc, v, ve = cfg["vision_config"], "model.vision_tower.", P + "vision_encoder.Gemma4VisionEncoderLayer_0."
+        w, vh = vc["hidden_size"], vc["num_attention_heads"]
+        out |= {
+            ve + "vision_entry.input_projection.kernel": t[v + "patch_embedder.input_proj.weight"].T,
+            ve + "vision_entry.pos_emb_param": t[v + "patch_embedder.position_embedding_table"].transpose(1, 0, 2),
+            ve + "std_scale": t[v + "std_scale"],
+            ve + "std_bias": t[v + "std_bias"],
+            P + "vision_encoder.Gemma4VisionProjector_0.projection.kernel": _reshape_kernel(
+                t["model.embed_vision.embedding_projection.weight"]
+            ),
+        }
+        for i in range(vc["num_hidden_layers"]):
+            p, b = f"{v}encoder.layers.{i}.", f"{ve}layer_{i}."
+            for name, proj in (("query", "q"), ("key", "k"), ("value", "v")):
+                out[b + f"attention.{name}.kernel"] = _reshape_kernel(
+                    t[p + f"self_attn.{proj}_proj.linear.weight"], w, vh, w // vh
+                )
+            out |= {
+                b + "attention.out.kernel": _reshape_kernel(t[p + "self_attn.o_proj.linear.weight"], vh, w // vh, w),
+                b + "attention.query_norm.scale": t[p + "self_attn.q_norm.weight"],
+                b + "attention.key_norm.scale": t[p + "self_attn.k_norm.weight"],
+                b + "pre_attention_norm.scale": t[p + "input_layernorm.weight"],
+                b + "post_attention_norm.scale": t[p + "post_attention_layernorm.weight"],
+                b + "pre_ffw_norm.scale": t[p + "pre_feedforward_layernorm.weight"],
+                b + "post_ffw_norm.scale": t[p + "post_feedforward_layernorm.weight"],
+                b + "mlp.wi_0.kernel": _reshape_kernel(t[p + "mlp.gate_proj.linear.weight"]),
+                b + "mlp.wi_1.kernel": _reshape_kernel(t[p + "mlp.up_proj.linear.weight"]),
+                b + "mlp.wo.kernel": _reshape_kernel(t[p + "mlp.down_proj.linear.weight"]),
+            }
+    return out
+
+
+MORE_FAMILIES = {
+    "gemma4": gemma4_leaves,
+    "gemma4_text": gemma4_leaves,
+    "qwen3_next": qwen3_next_leaves,
+    "olmo3": olmo3_leaves,
+    "gemma2": gemma2_leaves,
+    "gemma3": gemma3_leaves,
+    "gemma3_text": gemma3_leaves,
+}

@@ -58,3 +58,16 @@ def test_read_tensors_returns_each_tensor_exactly(monkeypatch):
     alone = [convert_item.read_tensors([t], source)[0] for t in (slab.source, *slab.aux)]
     for a, b in zip(together, alone, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def test_zero_length_tensor_needs_no_read():
+    from ckpt_transforms.safetensors_index import TensorInfo
+
+    class NoReads:
+        uri = "none://"
+
+        def read_range(self, *args):
+            raise AssertionError("nothing should be read")
+
+    (empty,) = convert_item.read_tensors([TensorInfo("e", "f.safetensors", "BF16", (0, 4), 8, 0)], NoReads())
+    assert empty.shape == (0, 4)

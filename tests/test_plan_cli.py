@@ -7,7 +7,7 @@ import os
 import shutil
 
 import pytest
-from conftest import FIXTURE_NAMES, FIXTURES, GOLDEN
+from conftest import FIXTURE_NAMES, FIXTURES, GOLDEN, UNSCANNED_ONLY
 
 import model_maps
 from ckpt_transforms.plan import build_plan, item_working_bytes
@@ -34,6 +34,8 @@ def _layout(plan):
 @pytest.mark.parametrize("scan", [True, False])
 @pytest.mark.parametrize("fixture", FIXTURE_NAMES)
 def test_synthesized_headers_plan_like_real_ones(fixture, scan):
+    if scan and fixture in UNSCANNED_ONLY:
+        pytest.skip("MaxText converts this model unscanned only")
     real = load_source_model(open_source(os.path.join(FIXTURES, fixture)))
     model_map = model_maps.detect_family(real.config).build(real.config)
     budget = 256 * 1024  # small enough to split most fixtures' stacks, big enough for one MXFP4 expert

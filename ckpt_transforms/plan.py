@@ -142,8 +142,15 @@ def decoded_elements(ops: tuple[Op, ...], source_shape: tuple[int, ...]) -> int:
     return math.prod(decoder.output_shape(source_shape) if decoder else source_shape)
 
 
+def region_working_bytes(region_bytes: int, largest_slab_bytes: int) -> int:
+    """Peak bytes of one work item: while slabs are assembled, the region buffer plus the largest
+    slab in flight; while writing, the region and TensorStore's staged copy of it; while
+    committing, that copy and its encoded (zstd) output, which is at most as large."""
+    return max(region_bytes + largest_slab_bytes, 2 * region_bytes)
+
+
 def item_working_bytes(item: WorkItem) -> int:
-    """The item's region buffer plus the largest single slab in flight (slabs go one at a time)."""
+    """Peak bytes of the item (see `region_working_bytes`); slabs are assembled one at a time."""
     itemsize = np.dtype(item.save_dtype).itemsize
     decoder, _ = split_decode(item.ops)
     per_slab = []
@@ -152,7 +159,7 @@ def item_working_bytes(item: WorkItem) -> int:
         scratch = decoder.scratch_bytes(decoded) if decoder else 0
         target = math.prod(_dest_shape(s.dest)) * itemsize
         per_slab.append(slab_working_bytes(s.bytes_read, target, scratch, decoded * itemsize))
-    return item.bytes_written + max(per_slab, default=0)
+    return region_working_bytes(item.bytes_written, max(per_slab, default=0))
 
 
 def _dest_shape(dest: tuple) -> tuple[int, ...]:
@@ -304,7 +311,8 @@ def choose_chunk_shape(
         decoded = math.ceil(decoded_elems * src_frac)
         scratch = decoder.scratch_bytes(decoded) if decoder else 0
         n_slabs = math.prod(c[a] for a in target.stack_axes)
-        return n_slabs * slab_target + slab_working_bytes(slab_source, slab_target, scratch, decoded * save_itemsize)
+        slab = slab_working_bytes(slab_source, slab_target, scratch, decoded * save_itemsize)
+        return region_working_bytes(n_slabs * slab_target, slab)
 
     def with_axis(c: list[int], axis: int, value: int) -> list[int]:
         return c[:axis] + [value] + c[axis + 1 :]

@@ -61,14 +61,15 @@ def dest_index(dest) -> tuple:
 
 
 def working_bytes(item, save_itemsize: int) -> int:
-    """Independent reading of the documented bound: region buffer + largest slab in flight
-    (its raw source bytes, the cast copy and the op output)."""
+    """Independent reading of the documented bound: the larger of region buffer + largest slab in
+    flight (its raw source bytes, the cast copy and the op output) and two region-sized buffers
+    (ours and TensorStore's staged copy, then that copy and its encoded output)."""
     region = math.prod(b - a for a, b in item.region) * save_itemsize
     per_slab = []
     for slab in item.slabs:
         out_elems = math.prod(d[1] - d[0] for d in slab.dest if not isinstance(d, int))
         per_slab.append(slab.source.length + 2 * out_elems * save_itemsize)
-    return region + max(per_slab, default=0)
+    return max(region + max(per_slab, default=0), 2 * region)
 
 
 def check_plan(plan: Plan, sm: SourceModel, *, check_bound: bool = True) -> dict[str, np.ndarray]:

@@ -32,9 +32,13 @@ def resolve_items_dir(path: str) -> str:
     raise FileNotFoundError(f"no Orbax _METADATA under {path} (tried ., items, 0/items)")
 
 
-def open_leaf(items_dir: str, name: str) -> ts.TensorStore:
-    spec = {"driver": "zarr3", "kvstore": {"driver": "ocdbt", "base": f"file://{items_dir}/", "path": name + "/"}}
-    return ts.open(spec, open=True).result()
+def open_leaf(items_dir: str, name: str, use_ocdbt: bool = True, use_zarr3: bool = True) -> ts.TensorStore:
+    """One leaf, in the storage format `_METADATA` names (as Orbax reads it)."""
+    if use_ocdbt:
+        kvstore = {"driver": "ocdbt", "base": f"file://{items_dir}/", "path": name + "/"}
+    else:
+        kvstore = {"driver": "file", "path": os.path.join(items_dir, name) + "/"}
+    return ts.open({"driver": "zarr3" if use_zarr3 else "zarr", "kvstore": kvstore}, open=True).result()
 
 
 def inspect_checkpoint(path: str) -> tuple[list[LeafInfo], int]:
@@ -48,9 +52,8 @@ def inspect_checkpoint(path: str) -> tuple[list[LeafInfo], int]:
         if value.get("skip_deserialize"):
             continue
         name = ".".join(str(k["key"]) for k in entry["key_metadata"])
-        store = open_leaf(items_dir, name)
-        md = store.spec().to_json()["metadata"]
-        chunk = tuple(md["chunk_grid"]["configuration"]["chunk_shape"])
+        store = open_leaf(items_dir, name, meta.get("use_ocdbt", True), meta.get("use_zarr3", True))
+        chunk = tuple(store.chunk_layout.write_chunk.shape or ())  # zarr3: the shard (chunk_grid)
         leaves.append(LeafInfo(name, value["value_type"], tuple(store.shape), str(store.dtype.numpy_dtype), chunk))
     disk = sum(os.path.getsize(os.path.join(r, f)) for r, _, files in os.walk(items_dir) for f in files)
     return leaves, disk

@@ -8,6 +8,12 @@ Layout (what MaxText's converter writes; see FACTS.md):
 Every chunk key is written by exactly one work item (chunks are aligned to item regions), and
 zarr.json files are written once, by the stitch, so databases never overlap.
 
+Pathways layout (`Layout(use_ocdbt=False, ...)`, MaxText's `checkpoint_storage_use_ocdbt=false`):
+no OCDBT, one plain directory per param, `items/<param>/.zarray` + chunk files `0.0`, ... (zarr2,
+`zstd` level 1) or `zarr.json` + `c/0/0`, ... (zarr3), exactly as Orbax writes it. Chunk files are
+shared keys there, so each attempt writes under its own `items/.attempt_<db>/<param>/...`, and the
+stitch moves only the named attempts' chunk files into `items/<param>/` and removes the rest.
+
 Output may be local or gs:// (`outdir` is the one place that knows how bytes get there). Locally
 the step is staged as `<out>/0.orbax-checkpoint-tmp-<ts>` and renamed to `<out>/0` last. GCS has
 no rename, so there the step is written in place, as Orbax does on GCS: a `_CKPTBEAM_IN_PROGRESS`
@@ -22,6 +28,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import tensorstore as ts
@@ -30,10 +37,25 @@ from ckpt_transforms import dtypes, outdir
 from ckpt_transforms.plan import ArrayPlan, WorkItem
 
 PROCESS_PREFIX = "ocdbt.process_"
+ATTEMPT_PREFIX = ".attempt_"  # without OCDBT: one attempt's chunk files, before the stitch moves them
 META_DB_ID = "stitchmeta"
 OCDBT_TARGET_DATA_FILE_SIZE = 2 * 2**30  # MaxText base.yml checkpoint_storage_target_data_file_size_bytes
 PYTREE_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
 _DB_ID = re.compile(r"^[A-Za-z0-9]+$")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Orbax storage format: MaxText's `checkpoint_storage_use_ocdbt` / `checkpoint_storage_use_zarr3`.
+
+    The default (both true) is MaxText's default; both false is what its Pathways loaders expect.
+    """
+
+    use_ocdbt: bool = True
+    use_zarr3: bool = True
+
+
+DEFAULT_LAYOUT = Layout()
 
 
 def ts_context() -> ts.Context:
@@ -110,19 +132,55 @@ def zarr3_metadata(shape: tuple[int, ...], chunk_shape: tuple[int, ...], dtype: 
     }
 
 
-def _array_spec(items_dir: str, db_id: str, name: str, metadata: dict) -> dict:
-    return {
-        "driver": "zarr3",
-        "kvstore": {**ocdbt_spec(db_dir(items_dir, db_id)), "path": name + "/"},
-        "metadata": metadata,
-        "store_data_equal_to_fill_value": True,
-    }
+def zarr2_metadata(shape: tuple[int, ...], chunk_shape: tuple[int, ...]) -> dict:
+    """zarr2 metadata as Orbax writes it (`_build_zarr2_metadata`): zstd level 1, no fill value.
+
+    The dtype goes in the spec's `dtype` (as Orbax does); TensorStore writes the rest of `.zarray`
+    (dimension_separator ".", order "C", fill_value null, filters null).
+    """
+    return {"shape": list(shape), "chunks": list(chunk_shape), "compressor": {"id": "zstd", "level": 1}}
+
+
+def _zarr_spec(kvstore: dict, name: str, shape, chunk_shape, dtype: str, layout: Layout) -> dict:
+    """TensorStore spec of one param's array under `kvstore` (an OCDBT database or a plain directory)."""
+    if kvstore["driver"] != "ocdbt":  # a plain directory: its path is the directory itself
+        kvstore = {**kvstore, "path": kvstore["path"] + name + "/"}
+    else:  # a path inside the database
+        kvstore = {**kvstore, "path": name + "/"}
+    spec: dict = {"kvstore": kvstore, "store_data_equal_to_fill_value": True}
+    if layout.use_zarr3:
+        spec.update(driver="zarr3", metadata=zarr3_metadata(shape, chunk_shape, dtype))
+    else:
+        spec.update(driver="zarr", dtype=np.dtype(dtype).name, metadata=zarr2_metadata(shape, chunk_shape))
+    return spec
+
+
+def attempt_dir(items_dir: str, db_id: str) -> str:
+    """Without OCDBT: where attempt `db_id` writes its chunk files (never read by Orbax)."""
+    if not _DB_ID.match(db_id):
+        raise ValueError(f"attempt id {db_id!r} must be alphanumeric")
+    return outdir.join(items_dir, ATTEMPT_PREFIX + db_id)
+
+
+def _attempt_kvstore(items_dir: str, db_id: str, layout: Layout) -> dict:
+    if layout.use_ocdbt:
+        return ocdbt_spec(db_dir(items_dir, db_id))
+    return outdir.kvstore_spec(attempt_dir(items_dir, db_id))
+
+
+def _array_spec(items_dir: str, db_id: str, array: ArrayPlan, layout: Layout = DEFAULT_LAYOUT) -> dict:
+    kvstore = _attempt_kvstore(items_dir, db_id, layout)
+    return _zarr_spec(kvstore, array.name, array.shape, array.chunk_shape, array.dtype, layout)
 
 
 def start_write_regions(
-    items_dir: str, db_id: str, writes: Iterable[tuple[ArrayPlan, WorkItem, np.ndarray]]
+    items_dir: str,
+    db_id: str,
+    writes: Iterable[tuple[ArrayPlan, WorkItem, np.ndarray]],
+    layout: Layout = DEFAULT_LAYOUT,
 ) -> ts.Future:
-    """Stage item regions in this attempt's own database and start its commit (one OCDBT version).
+    """Stage item regions in this attempt's own database (or, without OCDBT, its own attempt
+    directory) and start its commit (one OCDBT version; without OCDBT, the chunk files).
 
     Returns when TensorStore holds its own copy of the data (the caller may drop its buffers);
     the returned future resolves once the database is durably committed. Encoding (zstd) and
@@ -131,37 +189,35 @@ def start_write_regions(
     context = shared_context()
     txn = ts.Transaction()
     for array, item, data in writes:
-        spec = _array_spec(items_dir, db_id, array.name, zarr3_metadata(array.shape, array.chunk_shape, array.dtype))
+        spec = _array_spec(items_dir, db_id, array, layout)
         store = ts.open(spec, context=context, transaction=txn, open=True, assume_metadata=True).result()
         index = tuple(slice(a, b) for a, b in item.region)
         store[index].write(data).result()
     return txn.commit_async()
 
 
-def write_regions(items_dir: str, db_id: str, writes: Iterable[tuple[ArrayPlan, WorkItem, np.ndarray]]) -> None:
+def write_regions(
+    items_dir: str,
+    db_id: str,
+    writes: Iterable[tuple[ArrayPlan, WorkItem, np.ndarray]],
+    layout: Layout = DEFAULT_LAYOUT,
+) -> None:
     """Write item regions into this attempt's own database and wait for the commit."""
-    start_write_regions(items_dir, db_id, writes).result()
+    start_write_regions(items_dir, db_id, writes, layout).result()
 
 
-def _write_array_metadata(items_dir: str, arrays: list[ArrayPlan]) -> str:
-    """A database holding every zarr.json plus Orbax's `step` scalar; written once, by the stitch."""
+def _write_array_metadata(kvstore: dict, arrays: list[ArrayPlan], layout: Layout) -> None:
+    """Every param's zarr metadata plus Orbax's `step` scalar (0) under `kvstore`; written by the stitch."""
     context = shared_context()
     txn = ts.Transaction()
     for array in arrays:
-        spec = _array_spec(
-            items_dir, META_DB_ID, array.name, zarr3_metadata(array.shape, array.chunk_shape, array.dtype)
-        )
+        spec = _zarr_spec(kvstore, array.name, array.shape, array.chunk_shape, array.dtype, layout)
         ts.open(spec, context=context, transaction=txn, create=True, open=True).result()
     step = ts.open(
-        _array_spec(items_dir, META_DB_ID, "step", zarr3_metadata((), (), "int64")),
-        context=context,
-        transaction=txn,
-        create=True,
-        open=True,
+        _zarr_spec(kvstore, "step", (), (), "int64", layout), context=context, transaction=txn, create=True, open=True
     ).result()
     step.write(np.int64(0)).result()
     txn.commit_async().result()
-    return META_DB_ID
 
 
 def merge_databases(items_dir: str, db_ids: Iterable[str]) -> None:
@@ -175,7 +231,7 @@ def merge_databases(items_dir: str, db_ids: Iterable[str]) -> None:
     txn.commit_async().result()
 
 
-def tree_metadata(arrays: list[ArrayPlan]) -> dict:
+def tree_metadata(arrays: list[ArrayPlan], layout: Layout = DEFAULT_LAYOUT) -> dict:
     """Orbax `_METADATA` for TrainState(step=0, params={'params': ...}, opt_state={})."""
 
     def entry(keys: tuple[str, ...], value_type: str, skip: bool = False) -> tuple[str, dict]:
@@ -189,8 +245,8 @@ def tree_metadata(arrays: list[ArrayPlan]) -> dict:
     tree.update([entry(("opt_state",), "Dict", skip=True)])
     return {
         "tree_metadata": tree,
-        "use_ocdbt": True,
-        "use_zarr3": True,
+        "use_ocdbt": layout.use_ocdbt,
+        "use_zarr3": layout.use_zarr3,
         "store_array_data_equal_to_fill_value": True,
         "custom_metadata": None,
     }
@@ -200,24 +256,64 @@ def _write_json(path: str, data: dict) -> None:
     outdir.write_text(path, json.dumps(data))
 
 
-def stitch(items_dir: str, db_ids: list[str], arrays: list[ArrayPlan]) -> dict:
-    """Merge exactly the named databases (plus array metadata), write `_METADATA`, drop leftovers.
+def chunk_keys(array_shape: tuple[int, ...], chunk_shape: tuple[int, ...], use_zarr3: bool) -> list[str]:
+    """Every chunk key of a fully written array, relative to its directory (Orbax's key encodings:
+    zarr2 `0.0` / scalar `0`; zarr3 default encoding `c/0/0` / scalar `c`)."""
+    indices = list(np.ndindex(*[-(-n // c) for n, c in zip(array_shape, chunk_shape, strict=True)]))
+    if use_zarr3:
+        return ["/".join(("c",) + tuple(map(str, ix))) for ix in indices]
+    return [".".join(map(str, ix)) if ix else "0" for ix in indices]
 
-    Databases not named (a failed or duplicate attempt's writes) are never merged and are removed
-    afterwards, so a retry can never leak stale chunks into the checkpoint.
+
+def _stitch_ocdbt(items_dir: str, named: list[str], arrays: list[ArrayPlan], layout: Layout) -> None:
+    _write_array_metadata(ocdbt_spec(db_dir(items_dir, META_DB_ID)), arrays, layout)
+    merge_databases(items_dir, [META_DB_ID] + named)
+
+
+def _stitch_plain(items_dir: str, named: list[str], arrays: list[ArrayPlan], layout: Layout) -> None:
+    """Without OCDBT: move the named attempts' chunk files into place, then check every chunk is there.
+
+    Idempotent: a retried stitch moves whatever a failed one left in the named attempt directories.
+    """
+    for db_id in named:
+        src = attempt_dir(items_dir, db_id)
+        outdir.move_files(src, items_dir, outdir.list_files(src))
+    _write_array_metadata(outdir.kvstore_spec(items_dir), arrays, layout)
+    present = set(outdir.list_files(items_dir))
+    for array in arrays:
+        missing = [
+            k
+            for k in chunk_keys(array.shape, array.chunk_shape, layout.use_zarr3)
+            if f"{array.name}/{k}" not in present
+        ]
+        if missing:
+            raise RuntimeError(
+                f"{array.name}: {len(missing)} chunk file(s) missing after the stitch, e.g. {missing[0]}; not publishing"
+            )
+
+
+def stitch(items_dir: str, db_ids: list[str], arrays: list[ArrayPlan], layout: Layout = DEFAULT_LAYOUT) -> dict:
+    """Merge (or move) exactly the named attempts' writes, add array metadata and `_METADATA`, drop leftovers.
+
+    Attempts not named (a failed or duplicate attempt's writes) never enter the checkpoint and are
+    removed afterwards, so a retry can never leak stale chunks into the checkpoint.
     """
     named = sorted(set(db_ids))
-    meta_db = _write_array_metadata(items_dir, arrays)
     started = time.time()
-    merge_databases(items_dir, [meta_db] + named)
+    if layout.use_ocdbt:
+        _stitch_ocdbt(items_dir, named, arrays, layout)
+        keep = {PROCESS_PREFIX + d for d in named + [META_DB_ID]}
+    else:
+        _stitch_plain(items_dir, named, arrays, layout)
+        keep = set()
     merge_seconds = time.time() - started
-    _write_json(outdir.join(items_dir, "_METADATA"), tree_metadata(arrays))
-    keep = {PROCESS_PREFIX + d for d in named + [meta_db]}
+    _write_json(outdir.join(items_dir, "_METADATA"), tree_metadata(arrays, layout))
     removed = []
     for entry in outdir.list_children(items_dir):
-        if entry.startswith(PROCESS_PREFIX) and entry not in keep:
+        if entry.startswith((PROCESS_PREFIX, ATTEMPT_PREFIX)) and entry not in keep:
             outdir.remove_tree(outdir.join(items_dir, entry))
-            removed.append(entry)
+            if not (entry.startswith(ATTEMPT_PREFIX) and entry[len(ATTEMPT_PREFIX) :] in named):
+                removed.append(entry)
     return {"databases": len(named), "merge_seconds": merge_seconds, "removed_leftovers": removed}
 
 

@@ -154,6 +154,40 @@ def remove_file(path: str) -> None:
         pass
 
 
+_GCS_COPY_WINDOW = 8  # objects in flight while copying on GCS: each is held in memory (<= one chunk)
+
+
+def move_files(src_dir: str, dst_dir: str, rel_paths: list[str]) -> None:
+    """Move files `src_dir/<rel>` to `dst_dir/<rel>` (replacing), e.g. chunk files into place.
+
+    Locally one rename per file. GCS has no rename: each object is copied (read, then written
+    whole) and the source deleted only after its copy landed, so a retry after a failure finds
+    every file in one place or the other. A rel path whose source is gone is skipped (already moved).
+    """
+    if not is_gcs(src_dir):
+        for rel in rel_paths:
+            dst = os.path.join(dst_dir, *rel.split("/"))
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            try:
+                os.replace(os.path.join(src_dir, *rel.split("/")), dst)
+            except FileNotFoundError:
+                pass
+        return
+    src, dst = _gcs_kvstore(src_dir), _gcs_kvstore(dst_dir)
+    for start in range(0, len(rel_paths), _GCS_COPY_WINDOW):
+        window = rel_paths[start : start + _GCS_COPY_WINDOW]
+        reads = [src.read(rel) for rel in window]
+        writes = []
+        for rel, read in zip(window, reads, strict=True):
+            result = read.result()
+            if result.state == "value":
+                writes.append((rel, dst.write(rel, result.value)))
+        for _, w in writes:
+            w.result()
+        for f in [src.write(rel, None) for rel, _ in writes]:
+            f.result()
+
+
 def make_dirs(directory: str) -> None:
     """Create a local directory tree; GCS has no directories, so nothing to do there."""
     if not is_gcs(directory):

@@ -42,6 +42,9 @@ def make_plan(opts: ConvertOptions, byte_source: ByteSource | None = None) -> tu
     }
     if opts.use_multimodal:
         layout["use_multimodal"] = True  # only when set, so earlier provenance records stay equal
+    for flag in ("use_ocdbt", "use_zarr3"):
+        if not getattr(opts, flag):
+            layout[flag] = False  # only when not MaxText's default, as above
     return plan, provenance_record(source, family.name, model_maps.MAP_VERSION, layout)
 
 
@@ -163,7 +166,8 @@ def run(argv: list[str] | None = None, convert_fn: type[ConvertWorkItem] = Conve
             p = beam.Pipeline(options=options)
             # Workers open the pinned URI (hf://org/repo@<commit>), so all read the same files.
             build_pipeline(
-                p, plan, source.uri, staging, output, opts.item_attempts, convert_fn, provenance, replace
+                p, plan, source.uri, staging, output, opts.item_attempts, convert_fn, provenance, replace,
+                orbax_writer.Layout(use_ocdbt=opts.use_ocdbt, use_zarr3=opts.use_zarr3),
             )  # fmt: skip
             result = p.run()
             if runner.endswith("DataflowRunner"):

@@ -64,8 +64,17 @@ class ConvertWorkItem(beam.DoFn):
 
     ITEMS_IN_FLIGHT = 2
 
-    def __init__(self, source_uri: str, items_dir: str, arrays: list[ArrayPlan], total_items: int, attempts: int = 3):
+    def __init__(
+        self,
+        source_uri: str,
+        items_dir: str,
+        arrays: list[ArrayPlan],
+        total_items: int,
+        attempts: int = 3,
+        layout: orbax_writer.Layout = orbax_writer.DEFAULT_LAYOUT,
+    ):
         self.source_uri = source_uri
+        self.layout = layout
         self.items_dir = items_dir
         self.arrays = {a.name: a for a in arrays}
         self.total_items = total_items
@@ -88,7 +97,8 @@ class ConvertWorkItem(beam.DoFn):
         Returns (CRC32 of the region's bytes, a future that resolves when the database commits).
         """
         region = build_region(item, self.source)
-        commit = orbax_writer.start_write_regions(self.items_dir, db_id, [(self.arrays[item.param], item, region)])
+        writes = [(self.arrays[item.param], item, region)]
+        commit = orbax_writer.start_write_regions(self.items_dir, db_id, writes, self.layout)
         return zlib.crc32(region.reshape(-1).view(np.uint8)), commit  # no copy: region is C-contiguous
 
     def _give_up_or_retry(self, item: WorkItem, attempt: int, error: Exception) -> None:
@@ -158,7 +168,9 @@ class StitchAndCommit(beam.DoFn):
         custom: dict,
         provenance: dict | None = None,
         replace: bool = False,
+        layout: orbax_writer.Layout = orbax_writer.DEFAULT_LAYOUT,
     ):
+        self.layout = layout
         self.staging_dir = staging_dir
         self.output = output
         self.arrays = arrays
@@ -177,7 +189,7 @@ class StitchAndCommit(beam.DoFn):
                 f"{len(missing)} work item(s) produced no record, e.g. item {missing[0]}; not publishing"
             )
         items_dir = os.path.join(self.staging_dir, "items")
-        stats = orbax_writer.stitch(items_dir, [r.db_id for r in by_item.values()], self.arrays)
+        stats = orbax_writer.stitch(items_dir, [r.db_id for r in by_item.values()], self.arrays, self.layout)
         if self.provenance is not None:
             outdir.write_text(outdir.join(self.staging_dir, PROVENANCE_FILE), json.dumps(self.provenance, indent=1))
         orbax_writer.commit_step(self.staging_dir, self.custom)
@@ -196,6 +208,7 @@ def build_pipeline(
     convert_fn: type[ConvertWorkItem] = ConvertWorkItem,
     provenance: dict | None = None,
     replace: bool = False,
+    layout: orbax_writer.Layout = orbax_writer.DEFAULT_LAYOUT,
 ) -> beam.PCollection:
     """The Beam graph over a plan; `convert_fn` lets tests inject faults into the worker step."""
     items_dir = os.path.join(staging_dir, "items")
@@ -204,7 +217,8 @@ def build_pipeline(
         p
         | "CreateWorkItems" >> beam.Create(plan.items, reshuffle=False)
         | "Reshuffle" >> beam.Reshuffle()
-        | "ConvertWorkItem" >> beam.ParDo(convert_fn(source_uri, items_dir, plan.arrays, len(plan.items), attempts))
+        | "ConvertWorkItem"
+        >> beam.ParDo(convert_fn(source_uri, items_dir, plan.arrays, len(plan.items), attempts, layout))
     )
     return (
         records
@@ -212,7 +226,7 @@ def build_pipeline(
         | "StitchAndCommit"
         >> beam.ParDo(
             StitchAndCommit(
-                staging_dir, output, plan.arrays, [i.item_id for i in plan.items], custom, provenance, replace
+                staging_dir, output, plan.arrays, [i.item_id for i in plan.items], custom, provenance, replace, layout
             )
         )
     )

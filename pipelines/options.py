@@ -77,6 +77,20 @@ class ConvertOptions(PipelineOptions):
             "the text decoder (false, MaxText's default)",
         )
         parser.add_argument(
+            "--use_ocdbt",
+            type=str2bool,
+            default=True,
+            help="Store arrays in OCDBT databases (true, MaxText's checkpoint_storage_use_ocdbt default) or one "
+            "directory of chunk files per param (false; with --use_zarr3=false: the layout MaxText's Pathways "
+            "loaders expect)",
+        )
+        parser.add_argument(
+            "--use_zarr3",
+            type=str2bool,
+            default=True,
+            help="Array format: zarr3 (true, MaxText's checkpoint_storage_use_zarr3 default) or zarr2 (false)",
+        )
+        parser.add_argument(
             "--max_item_bytes",
             type=parse_bytes,
             default=DEFAULT_MAX_ITEM_BYTES,

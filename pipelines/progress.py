@@ -12,17 +12,19 @@ import threading
 import time
 
 from ckpt_transforms import outdir
-from ckpt_transforms.orbax_writer import PROCESS_PREFIX
+from ckpt_transforms.orbax_writer import ATTEMPT_PREFIX, PROCESS_PREFIX
 
 log = logging.getLogger("ckptbeam")
 
 
 def count_committed_databases(items_dir: str) -> int:
-    """Per-item databases whose manifest exists (a database is committed once its manifest is)."""
+    """Finished work items: OCDBT databases whose manifest exists (committed once it does); without
+    OCDBT (Pathways layout), the per-attempt chunk directories written so far (an estimate)."""
     if outdir.is_gcs(items_dir):
         # One listing of the ocdbt.process_* keys instead of one request per database.
         keys = outdir.list_files(items_dir, prefix=PROCESS_PREFIX)
-        return sum(1 for k in keys if k.count("/") == 1 and k.endswith("/manifest.ocdbt"))
+        attempts = {k.split("/", 1)[0] for k in outdir.list_files(items_dir, prefix=ATTEMPT_PREFIX)}
+        return sum(1 for k in keys if k.count("/") == 1 and k.endswith("/manifest.ocdbt")) + len(attempts)
     try:
         entries = os.listdir(items_dir)
     except FileNotFoundError:
@@ -30,7 +32,8 @@ def count_committed_databases(items_dir: str) -> int:
     return sum(
         1
         for e in entries
-        if e.startswith(PROCESS_PREFIX) and os.path.exists(os.path.join(items_dir, e, "manifest.ocdbt"))
+        if (e.startswith(PROCESS_PREFIX) and os.path.exists(os.path.join(items_dir, e, "manifest.ocdbt")))
+        or e.startswith(ATTEMPT_PREFIX)
     )
 
 

@@ -189,6 +189,22 @@ def test_unnamed_database_on_gcs_is_removed(gcs, proxy, tmp_path):
     _assert_matches_reference(_download(gcs, "zombie", tmp_path / "z"), SHARDED, scan=False)
 
 
+def test_pathways_layout_on_gcs_moves_only_named_attempts(gcs, proxy, tmp_path):
+    """Without OCDBT the stitch copies the named attempts' chunk files into place on GCS."""
+    from test_pathways import PathwaysZombie
+
+    args = ("--use_ocdbt=false", "--use_zarr3=false", "--max_item_bytes=20000")
+    convert(_source(SHARDED), "gs://ckpts/pathways", *args, convert_fn=PathwaysZombie)
+    objects = _objects(gcs, "pathways/")
+    assert "pathways/0/commit_success.txt" in objects and "pathways/0/items/step/0" in objects
+    assert not [o for o in objects if "/.attempt_" in o or orbax_writer.PROCESS_PREFIX in o]
+    assert "pathways/0/items/params.params.token_embedder.embedding/.zarray" in objects
+    local = _download(gcs, "pathways", tmp_path / "p")
+    _assert_matches_reference(local, SHARDED)
+    with open(os.path.join(local, "0", "items", "_METADATA"), encoding="utf-8") as f:
+        assert '"use_ocdbt": false, "use_zarr3": false' in f.read()
+
+
 def test_existing_gcs_checkpoint_is_kept_and_unfinished_runs_are_cleared(gcs, proxy, tmp_path):
     convert(_source(SINGLE), "gs://ckpts/again")
     before = _objects(gcs, "again/")

@@ -15,11 +15,10 @@ import os
 import numpy as np
 import pytest
 from conftest import FIXTURES, UNSCANNED_ONLY, assert_matches_reference, convert, restore_leaves
+from test_pipeline import FailsOnceAfterWriting, ZombieWriter
 
 from ckpt_transforms import orbax_writer
-from ckpt_transforms.convert_item import build_region
 from ckpt_transforms.plan import ArrayPlan, WorkItem
-from pipelines.graph import ConvertWorkItem
 
 PATHWAYS = ("--use_ocdbt=false", "--use_zarr3=false")
 SHARDED = os.path.join(FIXTURES, "llama_f32_sharded")
@@ -162,39 +161,12 @@ def test_split_chunks_have_orbax_metadata(out_dir, tmp_path):
     assert chunks == {"step": (), **{a.name: a.chunk_shape for a in plan.arrays}}
 
 
-class PathwaysFailsOnceAfterWriting(ConvertWorkItem):
-    """First attempt of every item writes garbage chunk files into its attempt directory, then dies."""
-
-    def start_attempt(self, item, db_id):
-        if not hasattr(self, "_failed"):
-            self._failed = set()
-        if item.item_id not in self._failed:
-            self._failed.add(item.item_id)
-            region = build_region(item, self.source)
-            region[...] = 0
-            orbax_writer.write_regions(self.items_dir, db_id, [(self.arrays[item.param], item, region)], self.layout)
-            raise OSError("injected failure after writing")
-        return super().start_attempt(item, db_id)
-
-
-class PathwaysZombie(ConvertWorkItem):
-    """Also writes the same chunks under an attempt no record names (a zombie on another worker)."""
-
-    def start_attempt(self, item, db_id):
-        crc, commit = super().start_attempt(item, db_id)
-        region = build_region(item, self.source)
-        region[...] = 1
-        writes = [(self.arrays[item.param], item, region)]
-        orbax_writer.write_regions(self.items_dir, "zombie" + db_id[:8], writes, self.layout)
-        return crc, commit
-
-
-@pytest.mark.parametrize("fn", [PathwaysFailsOnceAfterWriting, PathwaysZombie], ids=["retried", "zombie"])
+@pytest.mark.parametrize("fn", [FailsOnceAfterWriting, ZombieWriter], ids=["retried", "zombie"])
 def test_unnamed_attempts_leave_no_trace(fn, out_dir, tmp_path):
     clean = str(tmp_path / "clean")
     convert(SHARDED, clean, *PATHWAYS, "--max_item_bytes=20000")
     summary = convert(SHARDED, out_dir, *PATHWAYS, "--max_item_bytes=20000", convert_fn=fn)
-    if fn is PathwaysFailsOnceAfterWriting:
+    if fn is FailsOnceAfterWriting:
         assert summary["metrics"]["item_retries"] == summary["work_items"]
     assert_matches_reference(out_dir, SHARDED)
     _assert_plain_layout(out_dir)

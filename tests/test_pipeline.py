@@ -41,7 +41,8 @@ class FailsOnceAfterWriting(ConvertWorkItem):
             self._failed.add(item.item_id)
             region = build_region(item, self.source)
             region[...] = 0  # garbage that must never reach the checkpoint
-            orbax_writer.write_regions(self.items_dir, db_id, [(self.arrays[item.param], item, region)])
+            writes = [(self.arrays[item.param], item, region)]
+            orbax_writer.write_regions(self.items_dir, db_id, writes, self.layout)
             raise OSError("injected failure after writing")
         return super().start_attempt(item, db_id)
 
@@ -61,7 +62,8 @@ class ZombieWriter(ConvertWorkItem):
         crc, commit = super().start_attempt(item, db_id)
         region = build_region(item, self.source)
         region[...] = 1
-        orbax_writer.write_regions(self.items_dir, "zombie" + db_id[:8], [(self.arrays[item.param], item, region)])
+        writes = [(self.arrays[item.param], item, region)]
+        orbax_writer.write_regions(self.items_dir, "zombie" + db_id[:8], writes, self.layout)
         return crc, commit
 
 

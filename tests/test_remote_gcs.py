@@ -191,10 +191,10 @@ def test_unnamed_database_on_gcs_is_removed(gcs, proxy, tmp_path):
 
 def test_pathways_layout_on_gcs_moves_only_named_attempts(gcs, proxy, tmp_path):
     """Without OCDBT the stitch copies the named attempts' chunk files into place on GCS."""
-    from test_pathways import PathwaysZombie
+    from test_pipeline import ZombieWriter
 
     args = ("--use_ocdbt=false", "--use_zarr3=false", "--max_item_bytes=20000")
-    convert(_source(SHARDED), "gs://ckpts/pathways", *args, convert_fn=PathwaysZombie)
+    convert(_source(SHARDED), "gs://ckpts/pathways", *args, convert_fn=ZombieWriter)
     objects = _objects(gcs, "pathways/")
     assert "pathways/0/commit_success.txt" in objects and "pathways/0/items/step/0" in objects
     assert not [o for o in objects if "/.attempt_" in o or orbax_writer.PROCESS_PREFIX in o]

@@ -52,13 +52,15 @@ def assert_bitwise_equal(actual: np.ndarray, expected: np.ndarray, name: str) ->
         raise AssertionError(f"{name}: {len(diff)} values differ, first at {diff[0].tolist() if len(diff) else '?'}")
 
 
-def assert_matches_reference(out_dir: str, model_dir: str, scan: bool = True, save_dtype: str = "bfloat16") -> None:
+def assert_matches_reference(
+    out_dir: str, model_dir: str, scan: bool = True, save_dtype: str = "bfloat16", **reference_options
+) -> None:
     """Restore OUT with orbax and require every leaf to equal the independent numpy reference."""
     from reference import expected_leaves
 
     restored = restore_leaves(out_dir)
     assert restored.pop("step") == 0
-    expected = expected_leaves(model_dir, scan, save_dtype)
+    expected = expected_leaves(model_dir, scan, save_dtype, **reference_options)
     assert sorted(restored) == sorted(expected)
     for name, value in expected.items():
         assert_bitwise_equal(restored[name], value, name)

@@ -182,9 +182,11 @@ def start_write_regions(
     """Stage item regions in this attempt's own database (or, without OCDBT, its own attempt
     directory) and start its commit (one OCDBT version; without OCDBT, the chunk files).
 
-    Returns when TensorStore holds its own copy of the data (the caller may drop its buffers);
-    the returned future resolves once the database is durably committed. Encoding (zstd) and
-    file writes run in TensorStore's threads meanwhile, so the caller can prepare the next item.
+    TensorStore keeps a reference to each region instead of copying it (one region-sized copy
+    less in memory and in time), so the caller must never modify a region after passing it here;
+    dropping its own reference is fine. The returned future resolves once the database is
+    durably committed. Encoding (zstd) and file writes run in TensorStore's threads meanwhile, so
+    the caller can prepare the next item.
     """
     context = shared_context()
     txn = ts.Transaction()
@@ -192,7 +194,7 @@ def start_write_regions(
         spec = _array_spec(items_dir, db_id, array, layout)
         store = ts.open(spec, context=context, transaction=txn, open=True, assume_metadata=True).result()
         index = tuple(slice(a, b) for a, b in item.region)
-        store[index].write(data).result()
+        store[index].write(data, can_reference_source_data_indefinitely=True).result()
     return txn.commit_async()
 
 

@@ -20,9 +20,11 @@ dtype first (a leading RoundOnce), then computes, exactly as MaxText does.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +40,7 @@ from ckpt_transforms.ops import (
     split_decode,
 )
 from ckpt_transforms.safetensors_index import SourceModel, TensorInfo
-from ckpt_transforms.specs import ModelMap, TargetParam, expand_targets
+from ckpt_transforms.specs import PARAMS_PREFIX, ModelMap, TargetParam, expand_targets
 
 DEFAULT_MAX_ITEM_BYTES = 256 * 2**20
 FLOAT_SOURCE_DTYPES = ("BF16", "F16", "F32", "F64")
@@ -108,6 +110,9 @@ class Plan:
     arrays: list[ArrayPlan]
     items: list[WorkItem]
     unused_source_keys: list[str] = field(default_factory=list)
+    # --only: the patterns that selected `arrays`, and how many params the whole model has.
+    only: tuple[str, ...] = ()
+    params_total: int | None = None
 
     def summary(self) -> dict:
         largest = max(self.items, key=item_working_bytes) if self.items else None
@@ -116,6 +121,8 @@ class Plan:
             "scan_layers": self.scan_layers,
             "save_dtype": self.save_dtype,
             "params": len(self.arrays),
+            "params_total": len(self.arrays) if self.params_total is None else self.params_total,
+            "only": list(self.only),
             "work_items": len(self.items),
             "bytes_read": sum(i.bytes_read for i in self.items),
             "bytes_written": sum(i.bytes_written for i in self.items),
@@ -275,13 +282,51 @@ def _largest_fitting(n: int, fits, multiple: int = 1) -> int:
     return min(n, lo * multiple)
 
 
+def shard_shape(shape: tuple[int, ...], shard_count: int) -> tuple[int, ...]:
+    """The zarr chunk Orbax writes for an array MaxText's converter saves from `shard_count`
+    devices (`--simulated_cpu_devices_count`): one device's shard, i.e. the array split along
+    axis 0 if the count divides it, else along axis 1. An array MaxText replicates instead (no
+    such axis) is split by Orbax's replica-parallel save (its default) along its first axis the
+    count divides, which can then only be axis 2 or later; with none (and for 0-d arrays) it is
+    one chunk. Together: the first axis the count divides."""
+    if shard_count < 1:
+        raise ValueError(f"shard_count must be >= 1, got {shard_count}")
+    shape = tuple(shape)
+    for axis, size in enumerate(shape):
+        if size % shard_count == 0:
+            return shape[:axis] + (size // shard_count,) + shape[axis + 1 :]
+    return shape
+
+
+def item_shape(target: TargetParam, chunk: tuple[int, ...]) -> tuple[int, ...]:
+    """Extent of the work items of a target stored with `chunk`; every item is a union of whole
+    chunks. Items can only cut stack axes (one source tensor per index) and the axis source rows
+    map to, so they span every other axis whole, even where a shard splits it into chunks. On the
+    row axis an item takes enough chunks to start on an aux row block (FP8 scale rows)."""
+    split = _row_split(target)
+    extent = list(target.shape)
+    for axis in target.stack_axes:
+        extent[axis] = chunk[axis]
+    if split is not None:
+        axis = split[0]
+        extent[axis] = min(target.shape[axis], math.lcm(chunk[axis], _row_multiple(target, split)))
+    return tuple(extent)
+
+
 def choose_chunk_shape(
-    target: TargetParam, source_itemsize: float, save_itemsize: int, budget: int, aux_itemsizes: tuple[float, ...] = ()
+    target: TargetParam,
+    source_itemsize: float,
+    save_itemsize: int,
+    budget: int,
+    aux_itemsizes: tuple[float, ...] = (),
+    shard_count: int = 1,
 ) -> tuple[int, ...]:
-    """Largest chunk (the whole array if it fits) whose work item stays under `budget`.
+    """Largest chunk (the shard of `shard_count` devices, see `shard_shape`, if its work item
+    fits; with one device the whole array) whose work item stays under `budget`.
 
     Shrinks stack axes outer first (experts, then layers); if a single slab is still too big,
-    cuts it along the target axis that source rows map to (in whole aux row blocks).
+    cuts it along the target axis that source rows map to (in whole aux row blocks). Costs are
+    those of the items (`item_shape`), which may span several chunks.
     """
     split = _row_split(target)
     multiple = _row_multiple(target, split)
@@ -317,22 +362,30 @@ def choose_chunk_shape(
     def with_axis(c: list[int], axis: int, value: int) -> list[int]:
         return c[:axis] + [value] + c[axis + 1 :]
 
-    chunk = list(target.shape)
+    def item_cost(c: list[int]) -> int:
+        return cost(list(item_shape(target, tuple(c))))
+
+    # Start from the shard (MaxText's layout); a chunk shrunk for the budget stays within one
+    # shard's extent (it may straddle two shards when it does not divide the shard).
+    chunk = list(shard_shape(target.shape, shard_count))
     for axis in target.stack_axes:
-        if cost(chunk) <= budget:
+        if item_cost(chunk) <= budget:
             return tuple(chunk)
-        chunk[axis] = _largest_fitting(target.shape[axis], lambda v, a=axis: cost(with_axis(chunk, a, v)) <= budget)
-    if cost(chunk) <= budget:
+        chunk[axis] = _largest_fitting(chunk[axis], lambda v, a=axis: item_cost(with_axis(chunk, a, v)) <= budget)
+    if item_cost(chunk) <= budget:
         return tuple(chunk)
     if split is None:
         raise PlanError(
-            f"{target.name}: one slab needs {cost(chunk)} bytes, over --max_item_bytes={budget}, "
+            f"{target.name}: one slab needs {item_cost(chunk)} bytes, over --max_item_bytes={budget}, "
             "and its op chain does not allow cutting source rows"
         )
     axis = split[0]
-    chunk[axis] = _largest_fitting(target.shape[axis], lambda v: cost(with_axis(chunk, axis, v)) <= budget, multiple)
-    if cost(chunk) > budget:
-        raise PlanError(f"{target.name}: even one row slab needs {cost(chunk)} bytes, over --max_item_bytes={budget}")
+    # Candidates are whole aux row blocks (items equal chunks) and the unshrunk shard rows.
+    chunk[axis] = _largest_fitting(chunk[axis], lambda v: item_cost(with_axis(chunk, axis, v)) <= budget, multiple)
+    if item_cost(chunk) > budget:
+        raise PlanError(
+            f"{target.name}: even one row slab needs {item_cost(chunk)} bytes, over --max_item_bytes={budget}"
+        )
     return tuple(chunk)
 
 
@@ -346,10 +399,11 @@ def _items_for_target(
     split = _row_split(target)
     row_axis, row_unit = split if split else (None, 1)
     resize = _row_resize(target)
-    grid = [range(0, n, c) if n else range(1) for n, c in zip(target.shape, chunk, strict=True)]
+    extent = item_shape(target, chunk)
+    grid = [range(0, n, e) if n else range(1) for n, e in zip(target.shape, extent, strict=True)]
     items = []
     for starts in itertools.product(*grid):
-        region = tuple((s, min(s + c, n)) for s, c, n in zip(starts, chunk, target.shape, strict=True))
+        region = tuple((s, min(s + e, n)) for s, e, n in zip(starts, extent, target.shape, strict=True))
         slabs = []
         stack_ranges = [range(*region[a]) for a in target.stack_axes]
         for stack_index in itertools.product(*stack_ranges):
@@ -404,8 +458,13 @@ def build_plan(
     scan_layers: bool,
     save_dtype: str = "bfloat16",
     max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES,
+    shard_count: int = 1,
+    only: Sequence[str] = (),
 ) -> Plan:
-    """Validate the source against the map and cut every target into bounded work items."""
+    """Validate the source against the map and cut every target into bounded work items.
+
+    `shard_count` chunks each array as MaxText's converter run on that many devices would
+    (`shard_shape`); 1 gives one chunk per array where the budget allows."""
     save = dtypes.save_dtype(save_dtype)
     targets = [
         _resolve_aliases(t, source.tensors, model_map.key_aliases) for t in expand_targets(model_map, scan_layers)
@@ -421,6 +480,10 @@ def build_plan(
             f"{len(unexpected)} source tensor(s) are not used by the {model_map.family} map, e.g. "
             f"{unexpected[0]!r} in {info.file} (wrong --model, or a variant this map does not cover)"
         )
+    # --only narrows what is written, never what is checked: the whole source was validated above.
+    params_total = len(targets)
+    if only:
+        targets = select_targets(targets, only, f"the {model_map.family} map (scan_layers={scan_layers})")
     arrays, items = [], []
     for target in targets:
         target, leaf = _stored_as(target, save)
@@ -431,10 +494,34 @@ def build_plan(
             for j in range(len(target.aux))
         )
         infos.update((k, source.tensors[k]) for keys in target.aux_keys for k in keys)
-        chunk = choose_chunk_shape(target, src_itemsize, leaf.itemsize, max_item_bytes, aux_itemsizes)
+        chunk = choose_chunk_shape(target, src_itemsize, leaf.itemsize, max_item_bytes, aux_itemsizes, shard_count)
         arrays.append(ArrayPlan(target.name, target.path, target.shape, leaf.name, chunk))
         items.extend(_items_for_target(target, chunk, infos, leaf.name, len(items)))
-    return Plan(model_map.family, scan_layers, save.name, max_item_bytes, arrays, items, unused)
+    return Plan(
+        model_map.family, scan_layers, save.name, max_item_bytes, arrays, items, unused,
+        only=tuple(only), params_total=params_total,
+    )  # fmt: skip
+
+
+def param_matches(name: str, pattern: str) -> bool:
+    """fnmatch `pattern` against a param's full name (`params.params.decoder...`) or the name
+    below `params.params.`, so `decoder.dense_layers_0.*` works as well as `*dense_layers_0.*`."""
+    short = name.removeprefix(".".join(PARAMS_PREFIX) + ".")
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(short, pattern)
+
+
+def select_targets(targets: list[TargetParam], patterns: Sequence[str], where: str) -> list[TargetParam]:
+    """The targets some pattern matches; a pattern matching nothing is an error (a typo would
+    otherwise silently drop params from a partial checkpoint)."""
+    names = [t.name for t in targets]
+    for pattern in patterns:
+        if not any(param_matches(n, pattern) for n in names):
+            close = difflib.get_close_matches(pattern, names, n=4, cutoff=0.0)
+            raise PlanError(
+                f"--only pattern {pattern!r} matches none of the {len(names)} params of {where}; "
+                f"params are named like {', '.join(close)}"
+            )
+    return [t for t in targets if any(param_matches(t.name, p) for p in patterns)]
 
 
 def _stored_as(target: TargetParam, save: np.dtype) -> tuple[TargetParam, np.dtype]:

@@ -23,7 +23,7 @@ from ckpt_transforms.provenance import PROVENANCE_FILE, differences, provenance_
 from ckpt_transforms.safetensors_index import load_source_model
 from ckpt_transforms.storage import ByteSource, open_source
 from pipelines.graph import METRICS_NAMESPACE, ConvertWorkItem, build_pipeline
-from pipelines.options import ConvertOptions, str2bool
+from pipelines.options import ConvertOptions, parse_only, str2bool
 from pipelines.progress import ProgressMonitor
 
 log = logging.getLogger("ckptbeam")
@@ -34,7 +34,10 @@ def make_plan(opts: ConvertOptions, byte_source: ByteSource | None = None) -> tu
     source = load_source_model(byte_source or open_source(opts.source))
     family = model_maps.detect_family(source.config, opts.model)
     model_map = family.build(source.config, use_multimodal=opts.use_multimodal)
-    plan = build_plan(source, model_map, opts.scan_layers, opts.save_dtype, opts.max_item_bytes)
+    plan = build_plan(
+        source, model_map, opts.scan_layers, opts.save_dtype, opts.max_item_bytes, shard_count=opts.shard_count,
+        only=parse_only(opts.only),
+    )  # fmt: skip
     layout = {
         "scan_layers": opts.scan_layers,
         "save_dtype": opts.save_dtype,
@@ -45,6 +48,10 @@ def make_plan(opts: ConvertOptions, byte_source: ByteSource | None = None) -> tu
     for flag in ("use_ocdbt", "use_zarr3"):
         if not getattr(opts, flag):
             layout[flag] = False  # only when not MaxText's default, as above
+    if opts.shard_count != 1:
+        layout["shard_count"] = opts.shard_count  # decides chunk shapes; only when set, as above
+    if plan.only:
+        layout["only"] = list(plan.only)  # a partial checkpoint; only when set, as above
     return plan, provenance_record(source, family.name, model_maps.MAP_VERSION, layout)
 
 
@@ -65,6 +72,12 @@ def _existing_checkpoint(output: str, provenance: dict, force: bool) -> tuple[bo
         return False, []
     if old is None and not force:
         raise FileExistsError(f"{final} exists and was not made by ckptbeam; use --force to replace it")
+    if not force and provenance["options"].get("only") and not old.get("options", {}).get("only"):
+        # A slice for a spot check must not silently replace a whole model's checkpoint.
+        raise FileExistsError(
+            f"{final} is a whole checkpoint; --only would replace it with a partial one: use another "
+            "--output, or --force to replace it"
+        )
     reasons = reasons or ["--force"]
     if outdir.is_gcs(output):
         if not force:
@@ -91,12 +104,29 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
+def _param_count(summary: dict) -> str:
+    """'N', or 'N of M' when --only selected a subset of the model's M params."""
+    if not summary.get("only"):
+        return str(summary["params"])
+    return f"{summary['params']} of {summary.get('params_total', summary['params'])}"
+
+
+_PARTIAL_LINE = "\n  partial         {}"
+
+
+def _partial_note(summary: dict, template: str) -> str:
+    """'' for a whole checkpoint; else a loud note (MaxText cannot load it as a whole model)."""
+    if not summary.get("only"):
+        return ""
+    return template.format(f"partial checkpoint: only params matching --only {','.join(summary['only'])}")
+
+
 def format_summary(summary: dict) -> str:
     hb = human_bytes
     return "\n".join(
         [
             f"  family          {summary['family']} (scan_layers={summary['scan_layers']}, save_dtype={summary['save_dtype']})",
-            f"  params          {summary['params']}",
+            f"  params          {_param_count(summary)}{_partial_note(summary, ' ({})')}",
             f"  work items      {summary['work_items']} (largest {hb(summary['largest_item_bytes'])}: "
             f"{summary['largest_item']}; budget {hb(summary['max_item_bytes'])})",
             f"  bytes read      {hb(summary['bytes_read'])}",
@@ -194,8 +224,8 @@ def run(argv: list[str] | None = None, convert_fn: type[ConvertWorkItem] = Conve
         largest_item_working_bytes=max((item_working_bytes(i) for i in plan.items), default=0),
     )
     print(
-        f"ckptbeam: converted {summary['params']} params ({summary['bytes_written'] / 1e6:.2f} MB) in "
-        f"{elapsed:.2f} s, {summary['mb_per_s']:.1f} MB/s\n"
+        f"ckptbeam: converted {_param_count(summary)} params ({summary['bytes_written'] / 1e6:.2f} MB) in "
+        f"{elapsed:.2f} s, {summary['mb_per_s']:.1f} MB/s{_partial_note(summary, _PARTIAL_LINE)}\n"
         f"  output          {summary['output']}\n"
         f"  MaxText         load_parameters_path={summary['output']}",
         flush=True,

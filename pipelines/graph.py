@@ -10,13 +10,11 @@ import logging
 import os
 import time
 import uuid
-import zlib
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
@@ -24,7 +22,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from ckpt_transforms import orbax_writer, outdir
 from ckpt_transforms.convert_item import build_region
-from ckpt_transforms.plan import ArrayPlan, Plan, WorkItem
+from ckpt_transforms.plan import DEFAULT_MAX_ITEM_BYTES, ArrayPlan, Plan, WorkItem, item_working_bytes
 from ckpt_transforms.provenance import PROVENANCE_FILE
 from ckpt_transforms.storage import SourceError, open_source
 
@@ -38,7 +36,6 @@ class WrittenRecord:
 
     item_id: int
     db_id: str
-    crc32: int
     bytes_written: int
 
 
@@ -48,21 +45,24 @@ class _InFlight:
 
     item: WorkItem
     db_id: str
-    crc32: int
     commit: Any
     attempt: int
     started: float
+    working_bytes: int
 
 
 class ConvertWorkItem(beam.DoFn):
     """Range-read, transform and write one work item into a fresh OCDBT database per attempt.
 
-    Up to ITEMS_IN_FLIGHT items overlap: while TensorStore encodes and commits one item's
-    database, the next item is read and transformed. A record is emitted only after its own
-    database has committed, so the stitch never names a database that is not durable.
+    Items overlap: while TensorStore encodes and commits earlier items' databases, the next item
+    is read and transformed. What may overlap is bounded by memory, not by count: the items in
+    flight together stay within `in_flight_bytes` of planned working memory (default: two items
+    at the full --max_item_bytes), so many small items (norms, small models) keep both cores
+    busy while big ones go two at a time. A record is emitted only after its own database has
+    committed, so the stitch never names a database that is not durable.
     """
 
-    ITEMS_IN_FLIGHT = 2
+    MAX_ITEMS_IN_FLIGHT = 8  # also bounds open databases and TensorStore futures per worker
 
     def __init__(
         self,
@@ -72,8 +72,10 @@ class ConvertWorkItem(beam.DoFn):
         total_items: int,
         attempts: int = 3,
         layout: orbax_writer.Layout = orbax_writer.DEFAULT_LAYOUT,
+        in_flight_bytes: int = 2 * DEFAULT_MAX_ITEM_BYTES,
     ):
         self.source_uri = source_uri
+        self.in_flight_bytes = in_flight_bytes
         self.layout = layout
         self.items_dir = items_dir
         self.arrays = {a.name: a for a in arrays}
@@ -90,16 +92,14 @@ class ConvertWorkItem(beam.DoFn):
 
     def start_bundle(self) -> None:
         self._in_flight: deque[_InFlight] = deque()
+        self._in_flight_bytes = 0
 
-    def start_attempt(self, item: WorkItem, db_id: str) -> tuple[int, Any]:
-        """Build the region and start writing it into database `db_id`.
-
-        Returns (CRC32 of the region's bytes, a future that resolves when the database commits).
-        """
+    def start_attempt(self, item: WorkItem, db_id: str) -> Any:
+        """Build the region and start writing it into database `db_id`; returns a future that
+        resolves when the database commits."""
         region = build_region(item, self.source)
         writes = [(self.arrays[item.param], item, region)]
-        commit = orbax_writer.start_write_regions(self.items_dir, db_id, writes, self.layout)
-        return zlib.crc32(region.reshape(-1).view(np.uint8)), commit  # no copy: region is C-contiguous
+        return orbax_writer.start_write_regions(self.items_dir, db_id, writes, self.layout)
 
     def _give_up_or_retry(self, item: WorkItem, attempt: int, error: Exception) -> None:
         # The failed attempt's database is never reported, so the stitch ignores and removes it.
@@ -116,13 +116,14 @@ class ConvertWorkItem(beam.DoFn):
         while True:
             db_id = uuid.uuid4().hex
             try:
-                crc, commit = self.start_attempt(item, db_id)
-                return _InFlight(item, db_id, crc, commit, attempt, started)
+                commit = self.start_attempt(item, db_id)
+                return _InFlight(item, db_id, commit, attempt, started, item_working_bytes(item))
             except Exception as e:
                 self._give_up_or_retry(item, attempt, e)
                 attempt += 1
 
     def _finish(self, flight: _InFlight) -> WrittenRecord:
+        self._in_flight_bytes -= flight.working_bytes
         while True:
             try:
                 flight.commit.result()
@@ -144,12 +145,18 @@ class ConvertWorkItem(beam.DoFn):
             item.bytes_written / 1e6,
             elapsed,
         )
-        return WrittenRecord(item.item_id, flight.db_id, flight.crc32, item.bytes_written)
+        return WrittenRecord(item.item_id, flight.db_id, item.bytes_written)
 
     def process(self, item):
-        self._in_flight.append(self._start(item, 1, time.time()))
-        while len(self._in_flight) >= self.ITEMS_IN_FLIGHT:
+        # Wait for the oldest commits until this item fits next to the ones still in flight.
+        needed = item_working_bytes(item)
+        while self._in_flight and (
+            self._in_flight_bytes + needed > self.in_flight_bytes or len(self._in_flight) >= self.MAX_ITEMS_IN_FLIGHT
+        ):
             yield self._finish(self._in_flight.popleft())
+        flight = self._start(item, 1, time.time())
+        self._in_flight.append(flight)
+        self._in_flight_bytes += flight.working_bytes
 
     def finish_bundle(self):
         while self._in_flight:
@@ -218,7 +225,9 @@ def build_pipeline(
         | "CreateWorkItems" >> beam.Create(plan.items, reshuffle=False)
         | "Reshuffle" >> beam.Reshuffle()
         | "ConvertWorkItem"
-        >> beam.ParDo(convert_fn(source_uri, items_dir, plan.arrays, len(plan.items), attempts, layout))
+        >> beam.ParDo(
+            convert_fn(source_uri, items_dir, plan.arrays, len(plan.items), attempts, layout, 2 * plan.max_item_bytes)
+        )
     )
     return (
         records

@@ -32,6 +32,22 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def parse_shard_count(text: str) -> int:
+    """--shard_count: a whole number of devices, at least 1."""
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of devices >= 1, got {text!r}")
+    return value
+
+
+def parse_only(text: str | None) -> tuple[str, ...]:
+    """--only 'a*,b*' -> ('a*', 'b*'); unset or empty -> () (convert everything)."""
+    return tuple(p.strip() for p in str(text or "").split(",") if p.strip())
+
+
 def str2bool(text: str) -> bool:
     if str(text).lower() in ("1", "true", "yes", "y", "t"):
         return True
@@ -91,6 +107,16 @@ class ConvertOptions(PipelineOptions):
             help="Array format: zarr3 (true, MaxText's checkpoint_storage_use_zarr3 default) or zarr2 (false)",
         )
         parser.add_argument(
+            "--shard_count",
+            type=parse_shard_count,
+            default=1,
+            help="Chunk each array as MaxText's converter saves it from N devices, so sharded restores read in "
+            "parallel: split along axis 0 if N divides it, else axis 1 (MaxText's sharding), else the first later "
+            "axis N divides (Orbax's replica-parallel save), else whole. 1 (default): one chunk per array (within "
+            "--max_item_bytes); 16 reproduces the layout of MaxText's to_maxtext default "
+            "(--simulated_cpu_devices_count=16)",
+        )
+        parser.add_argument(
             "--max_item_bytes",
             type=parse_bytes,
             default=DEFAULT_MAX_ITEM_BYTES,
@@ -109,4 +135,11 @@ class ConvertOptions(PipelineOptions):
             type=int,
             default=3,
             help="Attempts per work item inside a worker (each into a fresh OCDBT database)",
+        )
+        parser.add_argument(
+            "--only",
+            default=None,
+            help="Write a partial checkpoint: only the params matching these comma-separated fnmatch patterns "
+            "over MaxText param names, full (params.params.decoder.moe_layers_0.self_attention.wq_a.kernel) or "
+            "below params.params (decoder.moe_layers_0.*). The whole source is still validated",
         )

@@ -17,7 +17,7 @@ from ckpt_transforms.safetensors_index import INDEX_FILE, SINGLE_FILE, load_sour
 from ckpt_transforms.storage import open_source
 from ckpt_transforms.synthetic import synthetic_source
 from pipelines.convert import format_summary, human_bytes
-from pipelines.options import parse_bytes, str2bool
+from pipelines.options import parse_bytes, parse_only, parse_shard_count, str2bool
 
 # Per-worker conversion rate measured on a 2-vCPU machine (README, Performance); override it with
 # what `benchmarks/bench_convert.py` measures on your worker type.
@@ -37,7 +37,14 @@ def _config_only(path: str) -> str | None:
 
 
 def make_plan(
-    source: str, model: str | None, scan_layers: bool, save_dtype: str, budget: int, use_multimodal: bool = False
+    source: str,
+    model: str | None,
+    scan_layers: bool,
+    save_dtype: str,
+    budget: int,
+    use_multimodal: bool = False,
+    shard_count: int = 1,
+    only: tuple[str, ...] = (),
 ) -> tuple[Plan, bool]:
     """(plan, synthesized?) for a model directory/URI or a bare config.json."""
     config_path = _config_only(source)
@@ -46,11 +53,11 @@ def make_plan(
             config = json.load(f)
         model_map = model_maps.detect_family(config, model).build(config, use_multimodal=use_multimodal)
         model_source = synthetic_source(config, model_map, config_path, scan_layers)
-        return build_plan(model_source, model_map, scan_layers, save_dtype, budget), True
+        return build_plan(model_source, model_map, scan_layers, save_dtype, budget, shard_count, only), True
     model_source = load_source_model(open_source(source))
     family = model_maps.detect_family(model_source.config, model)
     model_map = family.build(model_source.config, use_multimodal=use_multimodal)
-    return build_plan(model_source, model_map, scan_layers, save_dtype, budget), False
+    return build_plan(model_source, model_map, scan_layers, save_dtype, budget, shard_count, only), False
 
 
 def estimate_seconds(plan: Plan, workers: int, worker_mb_s: float) -> float:
@@ -69,11 +76,20 @@ def plan_command(argv: list[str]) -> int:
     parser.add_argument("--save_dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--max_item_bytes", type=parse_bytes, default=DEFAULT_MAX_ITEM_BYTES)
     parser.add_argument("--use_multimodal", type=str2bool, default=False)
+    parser.add_argument("--shard_count", type=parse_shard_count, default=1, help="as for ckptbeam convert")
+    parser.add_argument("--only", default=None, help="as for ckptbeam convert: plan only matching params")
     parser.add_argument("--workers", type=int, default=1, help="workers (one work item each at a time)")
     parser.add_argument("--worker_mb_s", type=float, default=DEFAULT_WORKER_MB_S, help="MB/s one worker converts")
     args = parser.parse_args(argv)
     plan, synthesized = make_plan(
-        args.source, args.model, args.scan_layers, args.save_dtype, args.max_item_bytes, args.use_multimodal
+        args.source,
+        args.model,
+        args.scan_layers,
+        args.save_dtype,
+        args.max_item_bytes,
+        args.use_multimodal,
+        args.shard_count,
+        parse_only(args.only),
     )
     summary = plan.summary()
     origin = "headers synthesized from config.json" if synthesized else "real safetensors headers"

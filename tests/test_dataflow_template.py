@@ -46,6 +46,7 @@ def test_every_user_facing_option_is_a_template_parameter():
         ("scan_layers", ["true", "false"], ["yes"]),
         ("save_dtype", ["bfloat16", "float32"], ["fp8"]),
         ("max_item_bytes", ["268435456", "512MiB", "1g"], ["lots"]),
+        ("only", ["decoder.moe_layers_0.self_attention.*", "*dense_layers_[01].*,*norm*"], ["", "a\nb", "a;b"]),
     ],
 )
 def test_validation_regexes(name, good, bad):

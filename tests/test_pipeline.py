@@ -59,12 +59,12 @@ class ZombieWriter(ConvertWorkItem):
     """Also writes a stray database no record names, as a zombie attempt on another worker would."""
 
     def start_attempt(self, item, db_id):
-        crc, commit = super().start_attempt(item, db_id)
+        commit = super().start_attempt(item, db_id)
         region = build_region(item, self.source)
         region[...] = 1
         writes = [(self.arrays[item.param], item, region)]
         orbax_writer.write_regions(self.items_dir, "zombie" + db_id[:8], writes, self.layout)
-        return crc, commit
+        return commit
 
 
 def test_stitch_never_merges_an_unnamed_database(out_dir):
@@ -122,14 +122,14 @@ class CommitFailsOnce(ConvertWorkItem):
             raise OSError("commit failed")
 
     def start_attempt(self, item, db_id):
-        crc, commit = super().start_attempt(item, db_id)
+        commit = super().start_attempt(item, db_id)
         if not hasattr(self, "_seen"):
             self._seen = set()
         if item.item_id not in self._seen:
             self._seen.add(item.item_id)
             commit.result()  # let it land, then report failure: its database must still be ignored
-            return crc, self._Failed()
-        return crc, commit
+            return self._Failed()
+        return commit
 
 
 def test_a_commit_that_fails_asynchronously_is_retried(out_dir):

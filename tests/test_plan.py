@@ -462,13 +462,15 @@ def synthetic(draw, pow2: bool):
     sm = SourceModel("mem://synthetic", {}, tensors, ["model.safetensors"], {})
     floor = max(min_costs)
     budget = draw(st.integers(floor - 3, floor + 3) | st.integers(1, 4 * pos) | st.integers(floor, 3 * floor))
-    return sm, model_map, draw(st.booleans()), save, budget, floor
+    # --shard_count: 1 (one chunk per array), counts that divide the pow2 dims, and 3 (odd dims).
+    shard_count = draw(st.sampled_from([1, 1, 2, 3, 4, 16]))
+    return sm, model_map, draw(st.booleans()), save, budget, floor, shard_count
 
 
 def run_synthetic(case, check_bound: bool):
-    sm, model_map, scan, save, budget, floor = case
+    sm, model_map, scan, save, budget, floor, shard_count = case
     try:
-        plan = build_plan(sm, model_map, scan, save, max_item_bytes=budget)
+        plan = build_plan(sm, model_map, scan, save, max_item_bytes=budget, shard_count=shard_count)
     except PlanError as e:
         event("PlanError")
         assert budget < floor, f"budget {budget} >= smallest possible item {floor}, yet: {e}"
@@ -476,9 +478,24 @@ def run_synthetic(case, check_bound: bool):
         return None
     check_plan(plan, sm, check_bound=check_bound)
     check_synthetic_routing(plan, model_map)
+    check_shards(plan, shard_count)
     split = any(a.chunk_shape != a.shape for a in plan.arrays)
     event("some array split" if split else "no split")
     return plan
+
+
+def check_shards(plan: Plan, shard_count: int) -> None:
+    """Chunks lie within one device's shard: the first axis the count divides is split in
+    `shard_count` (MaxText's axis 0 / axis 1 sharding, then Orbax's replica-parallel split)."""
+    chunks = {a.name: a.chunk_shape for a in plan.arrays}
+    for a in plan.arrays:
+        axis = next((i for i, n in enumerate(a.shape) if n % shard_count == 0), None)
+        for i, (c, n) in enumerate(zip(a.chunk_shape, a.shape, strict=True)):
+            assert c <= (n // shard_count if i == axis else n), (a.name, a.shape, a.chunk_shape, shard_count)
+    for item in plan.items:
+        # An item cuts only where it may (stack axes, source rows); it spans a chunked axis otherwise.
+        if any(hi - lo > c for (lo, hi), c in zip(item.region, chunks[item.param], strict=True)):
+            event("an item spans several chunks")
 
 
 def check_synthetic_routing(plan: Plan, model_map: ModelMap) -> None:
@@ -509,7 +526,7 @@ SYNTH_SETTINGS = settings(max_examples=150, deadline=None, database=None)
 def test_synthetic_plans_power_of_two_dims(case):
     """With power-of-two row counts the cost model is exact: PlanError iff budget < smallest item,
     and every item's working set is within the budget."""
-    sm, model_map, scan, save, budget, floor = case
+    sm, model_map, scan, save, budget, floor, shard_count = case
     plan = run_synthetic(case, check_bound=True)
     if budget >= floor:
         assert plan is not None

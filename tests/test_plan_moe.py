@@ -8,6 +8,7 @@ scanned expert stacks cut into one expert by a few layers per work item.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter, defaultdict
 
@@ -118,12 +119,14 @@ def check_real_plan(plan: Plan, sm: SourceModel, reads_per_key: dict[str, int] |
     for item in plan.items:
         a = arrays[item.param]
         assert item_working_bytes(item) <= plan.max_item_bytes, (item.param, item.region)
-        cell = []
+        # A union of whole chunks (several when items span an axis a --shard_count split).
+        spans = []
         for (lo, hi), c, n in zip(item.region, a.chunk_shape, a.shape, strict=True):
-            assert lo % c == 0 and hi == min(lo + c, n), (item.param, item.region, a.chunk_shape)
-            cell.append(lo // c)
-        assert tuple(cell) not in cells[item.param], f"{item.param}: chunk {cell} written twice"
-        cells[item.param].add(tuple(cell))
+            assert lo % c == 0 and (hi % c == 0 or hi == n), (item.param, item.region, a.chunk_shape)
+            spans.append(range(lo // c, math.ceil(hi / c)))
+        for cell in itertools.product(*spans):
+            assert cell not in cells[item.param], f"{item.param}: chunk {cell} written twice"
+            cells[item.param].add(cell)
         # Slabs: one per stack index in the region, each filling the rest of the region.
         stack_axes = [i for i, d in enumerate(item.slabs[0].dest) if isinstance(d, int)]
         seen = set()

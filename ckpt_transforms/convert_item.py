@@ -40,11 +40,13 @@ COALESCE_GAP = 64 * 1024
 
 def read_tensors(infos: list[TensorInfo], source: ByteSource) -> list[np.ndarray]:
     """Each tensor's array; ranges in the same file that touch (within the gap) are read once."""
-    chunks: dict[tuple[str, int], bytes] = {}
+    chunks: dict[tuple[str, int], bytes | np.ndarray] = {}
     for file in {i.file for i in infos if i.length}:
         ranges = [(i.offset, i.length) for i in infos if i.file == file and i.length]
+        # A local source reads straight into a numpy buffer (one copy less than bytes).
+        read = getattr(source, "read_array", source.read_range)
         for offset, length in coalesce_ranges(ranges, COALESCE_GAP):
-            chunks[(file, offset)] = source.read_range(file, offset, length)
+            chunks[(file, offset)] = read(file, offset, length)
     out = []
     for info in infos:
         if info.length == 0:  # 0-size tensors are valid safetensors; nothing to fetch

@@ -34,6 +34,7 @@ from ckpt_transforms.ops import (
     Op,
     PadAxis,
     RoundOnce,
+    Transpose,
     TruncateAxis,
     chain_map_axis,
     chain_output_dtype,
@@ -43,6 +44,10 @@ from ckpt_transforms.safetensors_index import SourceModel, TensorInfo
 from ckpt_transforms.specs import PARAMS_PREFIX, ModelMap, TargetParam, expand_targets
 
 DEFAULT_MAX_ITEM_BYTES = 256 * 2**20
+# Items are planned at up to 1/ITEMS_OVERLAPPED of --max_item_bytes, so a worker can read and
+# transform one while TensorStore encodes and commits the other, all within the budget; an item
+# that cannot be cut that small (one slab's decode scratch) gets the whole budget and runs alone.
+ITEMS_OVERLAPPED = 2
 FLOAT_SOURCE_DTYPES = ("BF16", "F16", "F32", "F64")
 
 
@@ -149,6 +154,20 @@ def decoded_elements(ops: tuple[Op, ...], source_shape: tuple[int, ...]) -> int:
     return math.prod(decoder.output_shape(source_shape) if decoder else source_shape)
 
 
+def chain_copies(ops: tuple[Op, ...]) -> bool:
+    """Whether the ops after decoding make a new array. Transposes are views, which the executor
+    copies straight into the region, so a chain of only those costs no slab-sized copy."""
+    _, rest = split_decode(ops)
+    return any(not isinstance(op, Transpose) for op in rest)
+
+
+def slab_casts(ops: tuple[Op, ...], source_dtype: str, save_dtype: str) -> bool:
+    """Whether the executor casts the slab (a copy): after decoding, or when the source dtype is
+    not the save dtype (a bf16 source saved as bf16 is used as read)."""
+    decoder, _ = split_decode(ops)
+    return decoder is not None or dtypes.numpy_dtype(source_dtype) != np.dtype(save_dtype)
+
+
 def region_working_bytes(region_bytes: int, largest_slab_bytes: int) -> int:
     """Peak bytes of one work item: while slabs are assembled, the region buffer plus the largest
     slab in flight; while writing, the region and TensorStore's staged copy of it; while
@@ -160,12 +179,14 @@ def item_working_bytes(item: WorkItem) -> int:
     """Peak bytes of the item (see `region_working_bytes`); slabs are assembled one at a time."""
     itemsize = np.dtype(item.save_dtype).itemsize
     decoder, _ = split_decode(item.ops)
+    copies = chain_copies(item.ops)
     per_slab = []
     for s in item.slabs:
         decoded = decoded_elements(item.ops, s.source.shape)
         scratch = decoder.scratch_bytes(decoded) if decoder else 0
-        target = math.prod(_dest_shape(s.dest)) * itemsize
-        per_slab.append(slab_working_bytes(s.bytes_read, target, scratch, decoded * itemsize))
+        target = math.prod(_dest_shape(s.dest)) * itemsize if copies else 0
+        cast = decoded * itemsize if slab_casts(item.ops, s.source.dtype, item.save_dtype) else 0
+        per_slab.append(slab_working_bytes(s.bytes_read, target, scratch, cast))
     return region_working_bytes(item.bytes_written, max(per_slab, default=0))
 
 
@@ -320,13 +341,17 @@ def choose_chunk_shape(
     budget: int,
     aux_itemsizes: tuple[float, ...] = (),
     shard_count: int = 1,
+    casts: bool = True,
+    row_cuts: bool = True,
 ) -> tuple[int, ...]:
     """Largest chunk (the shard of `shard_count` devices, see `shard_shape`, if its work item
     fits; with one device the whole array) whose work item stays under `budget`.
 
     Shrinks stack axes outer first (experts, then layers); if a single slab is still too big,
     cuts it along the target axis that source rows map to (in whole aux row blocks). Costs are
-    those of the items (`item_shape`), which may span several chunks.
+    those of the items (`item_shape`), which may span several chunks. `casts`: whether the
+    executor casts slabs (see `slab_casts`; True is the safe overestimate). Without `row_cuts`,
+    a target that only fits by cutting source rows is a PlanError.
     """
     split = _row_split(target)
     multiple = _row_multiple(target, split)
@@ -334,6 +359,7 @@ def choose_chunk_shape(
     source_elems = math.prod(target.source_shape)
     decoder, _ = split_decode(target.ops)
     decoded_elems = decoded_elements(target.ops, target.source_shape)
+    copies = chain_copies(target.ops)
 
     def aux_bytes(c: list[int]) -> int:
         total = 0
@@ -356,7 +382,8 @@ def choose_chunk_shape(
         decoded = math.ceil(decoded_elems * src_frac)
         scratch = decoder.scratch_bytes(decoded) if decoder else 0
         n_slabs = math.prod(c[a] for a in target.stack_axes)
-        slab = slab_working_bytes(slab_source, slab_target, scratch, decoded * save_itemsize)
+        cast = decoded * save_itemsize if casts else 0
+        slab = slab_working_bytes(slab_source, slab_target if copies else 0, scratch, cast)
         return region_working_bytes(n_slabs * slab_target, slab)
 
     def with_axis(c: list[int], axis: int, value: int) -> list[int]:
@@ -374,7 +401,7 @@ def choose_chunk_shape(
         chunk[axis] = _largest_fitting(chunk[axis], lambda v, a=axis: item_cost(with_axis(chunk, a, v)) <= budget)
     if item_cost(chunk) <= budget:
         return tuple(chunk)
-    if split is None:
+    if split is None or not row_cuts:
         raise PlanError(
             f"{target.name}: one slab needs {item_cost(chunk)} bytes, over --max_item_bytes={budget}, "
             "and its op chain does not allow cutting source rows"
@@ -387,6 +414,29 @@ def choose_chunk_shape(
             f"{target.name}: even one row slab needs {item_cost(chunk)} bytes, over --max_item_bytes={budget}"
         )
     return tuple(chunk)
+
+
+def choose_item_chunk(
+    target: TargetParam,
+    source_itemsize: float,
+    save_itemsize: int,
+    budget: int,
+    aux_itemsizes: tuple[float, ...] = (),
+    shard_count: int = 1,
+    casts: bool = True,
+) -> tuple[int, ...]:
+    """The chunk for items of at most budget / ITEMS_OVERLAPPED, so that a worker overlaps them
+    within the budget, when cutting stack axes (layers, experts) gets there. A target that needs
+    its source rows cut (one huge tensor, or one expert's dequantization scratch) is cut for the
+    whole budget instead, and its items run alone: cutting rows finer would multiply the items
+    (e.g. DeepSeek-V3's experts: 12k -> 91k items) for no gain in bounded memory."""
+    args = (source_itemsize, save_itemsize)
+    try:
+        return choose_chunk_shape(
+            target, *args, budget // ITEMS_OVERLAPPED, aux_itemsizes, shard_count, casts, row_cuts=False
+        )
+    except PlanError:
+        return choose_chunk_shape(target, *args, budget, aux_itemsizes, shard_count, casts)
 
 
 def _items_for_target(
@@ -494,7 +544,10 @@ def build_plan(
             for j in range(len(target.aux))
         )
         infos.update((k, source.tensors[k]) for keys in target.aux_keys for k in keys)
-        chunk = choose_chunk_shape(target, src_itemsize, leaf.itemsize, max_item_bytes, aux_itemsizes, shard_count)
+        casts = any(slab_casts(target.ops, infos[k].dtype, leaf.name) for k in target.hf_keys)
+        chunk = choose_item_chunk(
+            target, src_itemsize, leaf.itemsize, max_item_bytes, aux_itemsizes, shard_count, casts
+        )
         arrays.append(ArrayPlan(target.name, target.path, target.shape, leaf.name, chunk))
         items.extend(_items_for_target(target, chunk, infos, leaf.name, len(items)))
     return Plan(

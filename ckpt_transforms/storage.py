@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
 
 class SourceError(ValueError):
     """A source file is missing, unreadable or malformed (message names the file)."""
@@ -69,19 +71,31 @@ class LocalSource:
             raise SourceError(f"cannot stat {os.path.join(self.uri, name)}: {e.strerror}") from None
 
     def read_range(self, name: str, offset: int, length: int) -> bytes:
+        return self.read_array(name, offset, length).tobytes()  # headers and JSON: small
+
+    def read_array(self, name: str, offset: int, length: int) -> np.ndarray:
+        """`read_range` into a fresh uint8 array: one copy from the page cache (`read` makes two,
+        into its buffer and then a bytes object), into memory numpy allocates (huge pages)."""
         path = self._path(name)
+        out = np.empty(length, np.uint8)
         try:
-            with open(path, "rb") as f:
+            with open(path, "rb", buffering=0) as f:
                 f.seek(offset)
-                data = f.read(length)
+                got = 0
+                view = memoryview(out)
+                while got < length:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
         except OSError as e:
             raise SourceError(f"cannot read {path}: {e.strerror}") from None
-        if len(data) != length:
+        if got != length:
             raise SourceError(
-                f"{path}: short read at bytes [{offset}, {offset + length}): got {len(data)} bytes "
+                f"{path}: short read at bytes [{offset}, {offset + length}): got {got} bytes "
                 "(file truncated or changed during conversion?)"
             )
-        return data
+        return out
 
     def fingerprint(self, name: str) -> dict:
         st = os.stat(self._path(name))

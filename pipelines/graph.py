@@ -56,9 +56,10 @@ class ConvertWorkItem(beam.DoFn):
 
     Items overlap: while TensorStore encodes and commits earlier items' databases, the next item
     is read and transformed. What may overlap is bounded by memory, not by count: the items in
-    flight together stay within `in_flight_bytes` of planned working memory (default: two items
-    at the full --max_item_bytes), so many small items (norms, small models) keep both cores
-    busy while big ones go two at a time. A record is emitted only after its own database has
+    flight together stay within `in_flight_bytes` of planned working memory (--max_item_bytes;
+    the planner sizes items at up to half of it so two overlap), so many small items (norms,
+    small models) keep both cores busy, big ones go two at a time, and an item that could not be
+    cut below the whole budget runs alone. A record is emitted only after its own database has
     committed, so the stitch never names a database that is not durable.
     """
 
@@ -72,7 +73,7 @@ class ConvertWorkItem(beam.DoFn):
         total_items: int,
         attempts: int = 3,
         layout: orbax_writer.Layout = orbax_writer.DEFAULT_LAYOUT,
-        in_flight_bytes: int = 2 * DEFAULT_MAX_ITEM_BYTES,
+        in_flight_bytes: int = DEFAULT_MAX_ITEM_BYTES,
     ):
         self.source_uri = source_uri
         self.in_flight_bytes = in_flight_bytes
@@ -226,7 +227,7 @@ def build_pipeline(
         | "Reshuffle" >> beam.Reshuffle()
         | "ConvertWorkItem"
         >> beam.ParDo(
-            convert_fn(source_uri, items_dir, plan.arrays, len(plan.items), attempts, layout, 2 * plan.max_item_bytes)
+            convert_fn(source_uri, items_dir, plan.arrays, len(plan.items), attempts, layout, plan.max_item_bytes)
         )
     )
     return (

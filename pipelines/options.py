@@ -120,7 +120,8 @@ class ConvertOptions(PipelineOptions):
             "--max_item_bytes",
             type=parse_bytes,
             default=DEFAULT_MAX_ITEM_BYTES,
-            help="Memory budget of one work item (region buffer + one slab in flight); e.g. 256MiB",
+            help="Memory budget of a worker process's work items in flight (regions, slab scratch, encoded "
+            "output); items are planned at up to half of it so two overlap; e.g. 256MiB",
         )
         parser.add_argument(
             "--force",

@@ -17,13 +17,13 @@ def _plan_and_reads(fixture: str, monkeypatch):
     model = load_source_model(source)
     plan = build_plan(model, model_maps.detect_family(model.config).build(model.config), True)
     reads: list[tuple[str, int, int]] = []
-    original = storage.LocalSource.read_range
+    original = storage.LocalSource.read_array
 
     def spy(self, name, offset, length):
         reads.append((name, offset, length))
         return original(self, name, offset, length)
 
-    monkeypatch.setattr(storage.LocalSource, "read_range", spy)
+    monkeypatch.setattr(storage.LocalSource, "read_array", spy)
     return plan, source, reads
 
 

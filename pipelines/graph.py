@@ -107,11 +107,22 @@ class ConvertWorkItem(beam.DoFn):
         # A SourceError (malformed or missing source, or a remote read that already used up its
         # own transient retries) would fail the same way again: no further attempts.
         if attempt >= self.attempts or isinstance(error, SourceError):
+            self._settle_in_flight()
             raise RuntimeError(
                 f"work item {item.item_id} ({item.param}) failed after {attempt} attempts: {error}"
             ) from error
         self.item_retries.inc()
         log.warning("work item %d (%s) attempt %d failed: %s; retrying", item.item_id, item.param, attempt, error)
+
+    def _settle_in_flight(self) -> None:
+        """Before failing the bundle, let other items' commits finish (or fail): TensorStore keeps
+        writing in its own threads, and would otherwise recreate files inside a staging directory
+        the launcher removes once the run has failed."""
+        for flight in getattr(self, "_in_flight", ()):
+            try:
+                flight.commit.result()
+            except Exception:  # noqa: BLE001 - the bundle is failing anyway; this error is not the cause
+                pass
 
     def _start(self, item: WorkItem, attempt: int, started: float) -> _InFlight:
         while True:

@@ -21,7 +21,7 @@ from pipelines.options import parse_bytes, parse_only, parse_shard_count, str2bo
 
 # Per-worker conversion rate measured on a 2-vCPU machine (README, Performance); override it with
 # what `benchmarks/bench_convert.py` measures on your worker type.
-DEFAULT_WORKER_MB_S = 60.0
+DEFAULT_WORKER_MB_S = 100.0
 STARTUP_SECONDS = 10.0
 
 

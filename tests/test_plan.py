@@ -451,6 +451,7 @@ def synthetic(draw, pow2: bool):
     pos = 1000
     min_costs = []
     save = draw(st.sampled_from(["bfloat16", "float32"]))
+    scan = draw(st.booleans())
     for rule, splittable, unit in entries + layer_entries:
         keys = [rule.hf_key]
         if "{layer}" in rule.hf_key:
@@ -459,27 +460,35 @@ def synthetic(draw, pow2: bool):
                 for layer in range(layers)
                 for e in (range(rule.experts) if rule.experts else [None])
             ]
-        max_bits, casts = 0, False
+        drawn = {}
         for key in keys:
             dtype = draw(st.sampled_from(["BF16", "F16", "F32"]))
-            max_bits = max(max_bits, BITS[dtype])
-            casts |= dtype != SAFETENSORS_NAME[save]
+            drawn[key] = dtype
             length = math.prod(rule.source_shape) * BITS[dtype] // 8
             tensors[key] = TensorInfo(key, "model.safetensors", dtype, rule.source_shape, pos, length)
             pos += length
+        # A target's keys: every layer's when stacked, one layer's (all its experts) when not.
+        groups = [keys]
+        if not scan and "{layer}" in rule.hf_key:
+            per_layer = len(keys) // layers
+            groups = [keys[i : i + per_layer] for i in range(0, len(keys), per_layer)]
         elems = unit if splittable else math.prod(rule.source_shape)
-        # One unit's item: raw source, the cast copy (unless every source has the save dtype), the
-        # op output (unless the ops are only transposes), and the region; or two regions.
+        # One unit's item: raw source (widest dtype), the cast copy (unless every source has the
+        # save dtype), the op output (unless the ops are only transposes), and the region; or two
+        # regions.
         copies = not all(isinstance(op, Transpose) for op in rule.ops)
         target = elems * SAVE_ITEMSIZE[save]
-        slab = elems * max_bits // 8 + (target if casts else 0) + (target if copies else 0)
-        min_costs.append(max(target + slab, 2 * target))
+        for group in groups:
+            max_bits = max(BITS[drawn[k]] for k in group)
+            casts = any(drawn[k] != SAFETENSORS_NAME[save] for k in group)
+            slab = elems * max_bits // 8 + (target if casts else 0) + (target if copies else 0)
+            min_costs.append(max(target + slab, 2 * target))
     sm = SourceModel("mem://synthetic", {}, tensors, ["model.safetensors"], {})
     floor = max(min_costs)
     budget = draw(st.integers(floor - 3, floor + 3) | st.integers(1, 4 * pos) | st.integers(floor, 3 * floor))
     # --shard_count: 1 (one chunk per array), counts that divide the pow2 dims, and 3 (odd dims).
     shard_count = draw(st.sampled_from([1, 1, 2, 3, 4, 16]))
-    return sm, model_map, draw(st.booleans()), save, budget, floor, shard_count
+    return sm, model_map, scan, save, budget, floor, shard_count
 
 
 def run_synthetic(case, check_bound: bool):

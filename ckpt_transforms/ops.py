@@ -23,6 +23,18 @@ import numpy as np
 
 from ckpt_transforms import quant
 
+_BITS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def as_bits(x: np.ndarray) -> np.ndarray:
+    """`x` viewed as unsigned integers of its item size (no copy, any strides).
+
+    Moving elements without changing them (copies, permutations) is several times faster on
+    these views: numpy moves ml_dtypes' bfloat16/float8 one element at a time through the
+    dtype's own functions."""
+    bits = _BITS.get(x.dtype.itemsize)
+    return x if bits is None else x.view(bits)
+
 
 class Op:
     """Base class: `apply` maps an array forward, `inverse` returns the op that undoes it."""
@@ -129,7 +141,8 @@ class RopeInterleave(Op):
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         half = x.shape[-1] // 2
-        return np.stack([x[..., :half], x[..., half:]], axis=-1).reshape(x.shape)
+        b = as_bits(x)
+        return np.stack([b[..., :half], b[..., half:]], axis=-1).reshape(x.shape).view(x.dtype)
 
     def inverse(self) -> Op:
         return RopeHalves()
@@ -143,7 +156,8 @@ class RopeHalves(Op):
     """MaxText interleaved pairs -> HF rotary halves along the last axis."""
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        return np.concatenate([x[..., ::2], x[..., 1::2]], axis=-1)
+        b = as_bits(x)
+        return np.concatenate([b[..., ::2], b[..., 1::2]], axis=-1).view(x.dtype)
 
     def inverse(self) -> Op:
         return RopeInterleave()

@@ -76,13 +76,20 @@ class LocalSource:
     def read_array(self, name: str, offset: int, length: int) -> np.ndarray:
         """`read_range` into a fresh uint8 array: one copy from the page cache (`read` makes two,
         into its buffer and then a bytes object), into memory numpy allocates (huge pages)."""
-        path = self._path(name)
         out = np.empty(length, np.uint8)
+        self.read_into(name, offset, out)
+        return out
+
+    def read_into(self, name: str, offset: int, out: np.ndarray) -> None:
+        """Fill the contiguous array `out` with the file's bytes from `offset` on (a reused
+        buffer: no fresh pages for the kernel to zero)."""
+        path = self._path(name)
+        length = out.nbytes
         try:
             with open(path, "rb", buffering=0) as f:
                 f.seek(offset)
                 got = 0
-                view = memoryview(out)
+                view = memoryview(out).cast("B")
                 while got < length:
                     n = f.readinto(view[got:])
                     if not n:
@@ -95,7 +102,6 @@ class LocalSource:
                 f"{path}: short read at bytes [{offset}, {offset + length}): got {got} bytes "
                 "(file truncated or changed during conversion?)"
             )
-        return out
 
     def fingerprint(self, name: str) -> dict:
         st = os.stat(self._path(name))

@@ -21,6 +21,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from ckpt_transforms import orbax_writer, outdir
+from ckpt_transforms.buffers import BufferPool
 from ckpt_transforms.convert_item import build_region
 from ckpt_transforms.plan import DEFAULT_MAX_ITEM_BYTES, ArrayPlan, Plan, WorkItem, item_working_bytes
 from ckpt_transforms.provenance import PROVENANCE_FILE
@@ -90,6 +91,8 @@ class ConvertWorkItem(beam.DoFn):
 
     def setup(self) -> None:
         self.source = open_source(self.source_uri)
+        # Regions and read buffers reuse memory within the in-flight budget (see `buffers`).
+        self.buffers = BufferPool(self.in_flight_bytes)
 
     def start_bundle(self) -> None:
         self._in_flight: deque[_InFlight] = deque()
@@ -98,7 +101,7 @@ class ConvertWorkItem(beam.DoFn):
     def start_attempt(self, item: WorkItem, db_id: str) -> Any:
         """Build the region and start writing it into database `db_id`; returns a future that
         resolves when the database commits."""
-        region = build_region(item, self.source)
+        region = build_region(item, self.source, self.buffers)
         writes = [(self.arrays[item.param], item, region)]
         return orbax_writer.start_write_regions(self.items_dir, db_id, writes, self.layout)
 

@@ -17,13 +17,13 @@ def _plan_and_reads(fixture: str, monkeypatch):
     model = load_source_model(source)
     plan = build_plan(model, model_maps.detect_family(model.config).build(model.config), True)
     reads: list[tuple[str, int, int]] = []
-    original = storage.LocalSource.read_array
+    original = storage.LocalSource.read_into
 
-    def spy(self, name, offset, length):
-        reads.append((name, offset, length))
-        return original(self, name, offset, length)
+    def spy(self, name, offset, out):
+        reads.append((name, offset, out.nbytes))
+        return original(self, name, offset, out)
 
-    monkeypatch.setattr(storage.LocalSource, "read_array", spy)
+    monkeypatch.setattr(storage.LocalSource, "read_into", spy)
     return plan, source, reads
 
 

@@ -4,13 +4,33 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from conftest import FIXTURES, assert_matches_reference, convert
 
-from ckpt_transforms import orbax_writer
+from ckpt_transforms import buffers, orbax_writer
 from ckpt_transforms.convert_item import build_region
 from pipelines.graph import ConvertWorkItem
 
 SHARDED = os.path.join(FIXTURES, "llama_f32_sharded")
+
+
+@pytest.fixture
+def pool_everything(monkeypatch):
+    """Pool even the fixtures' tiny arrays, so reuse of regions and read buffers is exercised
+    while other items' commits are in flight. Yields how many times a pooled buffer was reused."""
+    monkeypatch.setattr(buffers, "MIN_POOLED_BYTES", 0)
+    reused = []
+    original = buffers.BufferPool._buffer
+
+    def counting(self, nbytes):
+        before = [id(b) for b in self._buffers]
+        buf = original(self, nbytes)
+        if buf is not None and id(buf) in before:
+            reused.append(nbytes)
+        return buf
+
+    monkeypatch.setattr(buffers.BufferPool, "_buffer", counting)
+    return reused
 
 
 def _databases(out_dir: str) -> list[str]:
@@ -39,7 +59,7 @@ class FailsOnceAfterWriting(ConvertWorkItem):
             self._failed = set()
         if item.item_id not in self._failed:
             self._failed.add(item.item_id)
-            region = build_region(item, self.source)
+            region = build_region(item, self.source, self.buffers)
             region[...] = 0  # garbage that must never reach the checkpoint
             writes = [(self.arrays[item.param], item, region)]
             orbax_writer.write_regions(self.items_dir, db_id, writes, self.layout)
@@ -47,7 +67,7 @@ class FailsOnceAfterWriting(ConvertWorkItem):
         return super().start_attempt(item, db_id)
 
 
-def test_item_that_fails_once_is_retried_and_checkpoint_is_identical(out_dir):
+def test_item_that_fails_once_is_retried_and_checkpoint_is_identical(out_dir, pool_everything):
     summary = convert(SHARDED, out_dir, convert_fn=FailsOnceAfterWriting)
     assert summary["metrics"]["item_retries"] == summary["work_items"]
     assert_matches_reference(out_dir, SHARDED)
@@ -60,18 +80,26 @@ class ZombieWriter(ConvertWorkItem):
 
     def start_attempt(self, item, db_id):
         commit = super().start_attempt(item, db_id)
-        region = build_region(item, self.source)
+        region = build_region(item, self.source, self.buffers)  # while the real commit holds its region
         region[...] = 1
         writes = [(self.arrays[item.param], item, region)]
         orbax_writer.write_regions(self.items_dir, "zombie" + db_id[:8], writes, self.layout)
         return commit
 
 
-def test_stitch_never_merges_an_unnamed_database(out_dir):
+def test_stitch_never_merges_an_unnamed_database(out_dir, pool_everything):
     summary = convert(SHARDED, out_dir, "--scan_layers=false", convert_fn=ZombieWriter)
     assert_matches_reference(out_dir, SHARDED, scan=False)
+    assert pool_everything, "the zombie's regions came from the pool"
     assert not [d for d in _databases(out_dir) if "zombie" in d]
     assert len(_databases(out_dir)) == summary["work_items"] + 1
+
+
+def test_pooled_buffers_are_reused_across_overlapping_items(out_dir, pool_everything):
+    """Many small items, several in flight: every region and read buffer comes from the pool."""
+    convert(SHARDED, out_dir, "--max_item_bytes=20000")
+    assert_matches_reference(out_dir, SHARDED)
+    assert len(pool_everything) > 10
 
 
 def test_dry_run_writes_nothing(out_dir, capsys):
@@ -82,8 +110,6 @@ def test_dry_run_writes_nothing(out_dir, capsys):
 
 
 def test_existing_checkpoint_is_never_overwritten_by_other_inputs_without_a_record(out_dir):
-    import pytest
-
     convert(SHARDED, out_dir)
     os.remove(os.path.join(out_dir, "0", "ckptbeam_provenance.json"))  # as if another tool wrote it
     before = sorted(os.listdir(os.path.join(out_dir, "0", "items")))
@@ -105,8 +131,6 @@ class SourceBreaksOnce(ConvertWorkItem):
 
 
 def test_source_errors_are_not_retried(out_dir):
-    import pytest
-
     SourceBreaksOnce.calls = 0
     with pytest.raises(Exception, match="gone"):
         convert(SHARDED, out_dir, convert_fn=SourceBreaksOnce)

@@ -40,13 +40,13 @@ def test_rerun_on_same_inputs_is_up_to_date_and_reads_only_headers(model, out_di
         assert json.load(f)["options"]["scan_layers"] is True
 
     reads: list[tuple[str, int, int]] = []
-    original = storage.LocalSource.read_array
+    original = storage.LocalSource.read_into
 
-    def spy(self, name, offset, length):
-        reads.append((name, offset, length))
-        return original(self, name, offset, length)
+    def spy(self, name, offset, out):
+        reads.append((name, offset, out.nbytes))
+        return original(self, name, offset, out)
 
-    monkeypatch.setattr(storage.LocalSource, "read_array", spy)
+    monkeypatch.setattr(storage.LocalSource, "read_into", spy)
     summary = convert(model, out_dir)
     assert summary["up_to_date"] is True
     assert _snapshot(out_dir) == before

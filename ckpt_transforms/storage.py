@@ -71,18 +71,14 @@ class LocalSource:
             raise SourceError(f"cannot stat {os.path.join(self.uri, name)}: {e.strerror}") from None
 
     def read_range(self, name: str, offset: int, length: int) -> bytes:
-        return self.read_array(name, offset, length).tobytes()  # headers and JSON: small
-
-    def read_array(self, name: str, offset: int, length: int) -> np.ndarray:
-        """`read_range` into a fresh uint8 array: one copy from the page cache (`read` makes two,
-        into its buffer and then a bytes object), into memory numpy allocates (huge pages)."""
         out = np.empty(length, np.uint8)
         self.read_into(name, offset, out)
-        return out
+        return out.tobytes()  # headers and JSON: small
 
     def read_into(self, name: str, offset: int, out: np.ndarray) -> None:
-        """Fill the contiguous array `out` with the file's bytes from `offset` on (a reused
-        buffer: no fresh pages for the kernel to zero)."""
+        """Fill the contiguous array `out` with the file's bytes from `offset` on: one copy from
+        the page cache (`read` makes two, into its buffer and then a bytes object), into memory
+        the caller chooses (a worker's reused buffers: no fresh pages for the kernel to zero)."""
         path = self._path(name)
         length = out.nbytes
         try:

@@ -10,7 +10,6 @@ multi_processing on both cores, each under `/usr/bin/time -v` for peak RSS. Prin
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import shutil
 import sys
@@ -18,7 +17,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from common import CKPTBEAM, timed  # noqa: E402
-from make_llama_checkpoint import make  # noqa: E402
+from make_llama_checkpoint import make_benchmark_model  # noqa: E402
 
 
 def main() -> None:
@@ -27,10 +26,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args()
-    shutil.rmtree(a.workdir, ignore_errors=True)
-    src = os.path.join(a.workdir, "hf")
-    total = make(src, a.layers, 2048, 5632, 16, 4, 32000)
-    files = sorted(glob.glob(os.path.join(src, "*.safetensors")))
+    src, total, files = make_benchmark_model(a.workdir, a.layers)
     mb = total / 1e6
     print(f"model: {a.layers} layers, {mb:.0f} MB of bf16 tensors in {len(files)} shards")
 

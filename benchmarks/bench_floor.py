@@ -16,7 +16,6 @@ it is measured, and (a)-(c) alternate `--repeats` times; medians are reported.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import shutil
 import statistics
@@ -25,7 +24,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from common import CKPTBEAM, timed  # noqa: E402
-from make_llama_checkpoint import make  # noqa: E402
+from make_llama_checkpoint import make_benchmark_model  # noqa: E402
 
 MULTI = ["--runner=DirectRunner", "--direct_running_mode=multi_processing"]
 
@@ -45,10 +44,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", default="/tmp/ckptbeam-floor")
     a = ap.parse_args()
-    shutil.rmtree(a.workdir, ignore_errors=True)
-    src = os.path.join(a.workdir, "hf")
-    total = make(src, a.layers, 2048, 5632, 16, 4, 32000)
-    files = sorted(glob.glob(os.path.join(src, "*.safetensors")))
+    src, total, files = make_benchmark_model(a.workdir, a.layers)
     out = os.path.join(a.workdir, "out")
 
     def cp() -> tuple[float, int]:

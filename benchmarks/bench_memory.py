@@ -17,7 +17,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from common import CKPTBEAM, timed  # noqa: E402
-from make_llama_checkpoint import make  # noqa: E402
+from make_llama_checkpoint import make_benchmark_model  # noqa: E402
 
 
 def main() -> None:
@@ -28,9 +28,7 @@ def main() -> None:
     a = ap.parse_args()
     rows = []
     for layers in a.layers:
-        shutil.rmtree(a.workdir, ignore_errors=True)
-        src = os.path.join(a.workdir, "hf")
-        total = make(src, layers, 2048, 5632, 16, 4, 32000)
+        src, total, _ = make_benchmark_model(a.workdir, layers)
         wall, rss = timed([*CKPTBEAM, "--source", src, "--output", os.path.join(a.workdir, "out"), *a.extra])
         rows.append((layers, total, wall, rss))
         print(f"{layers:3d} layers  {total / 1e9:6.2f} GB  {wall:7.1f} s  peak RSS {rss / 2**20:7.0f} MiB", flush=True)

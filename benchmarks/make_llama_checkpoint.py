@@ -9,8 +9,10 @@ so no torch is needed; ~0.8 GB with the defaults.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import shutil
 import struct
 
 import ml_dtypes
@@ -86,6 +88,15 @@ def make(out: str, layers: int, hidden: int, mlp: int, heads: int, kv_heads: int
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
     return total
+
+
+def make_benchmark_model(workdir: str, layers: int) -> tuple[str, int, list[str]]:
+    """The benchmarks' model: `workdir` emptied, a 2048-wide Llama with `layers` layers in
+    `workdir/hf`; returns (its directory, its tensor bytes, its shard paths)."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    src = os.path.join(workdir, "hf")
+    total = make(src, layers, 2048, 5632, 16, 4, 32000)
+    return src, total, sorted(glob.glob(os.path.join(src, "*.safetensors")))
 
 
 def main() -> None:

@@ -135,6 +135,13 @@ class MergeAxes(Op):
         return ax if axis == ax else None
 
 
+def _same_layout(x: np.ndarray) -> np.ndarray:
+    """An empty array laid out in memory like `x`. After a Transpose the rotary axis is the
+    strided one; permuting it into a C-ordered array would walk memory against the grain (and
+    np.stack + reshape costs two such copies), while this keeps one pass along `x`'s own order."""
+    return np.empty_like(x, order="K")
+
+
 @dataclass(frozen=True)
 class RopeInterleave(Op):
     """HF rotary layout (two halves) -> MaxText interleaved pairs along the last axis."""
@@ -142,7 +149,9 @@ class RopeInterleave(Op):
     def apply(self, x: np.ndarray) -> np.ndarray:
         half = x.shape[-1] // 2
         b = as_bits(x)
-        return np.stack([b[..., :half], b[..., half:]], axis=-1).reshape(x.shape).view(x.dtype)
+        out = _same_layout(b)
+        out[..., 0::2], out[..., 1::2] = b[..., :half], b[..., half:]
+        return out.view(x.dtype)
 
     def inverse(self) -> Op:
         return RopeHalves()
@@ -156,14 +165,25 @@ class RopeHalves(Op):
     """MaxText interleaved pairs -> HF rotary halves along the last axis."""
 
     def apply(self, x: np.ndarray) -> np.ndarray:
+        half = x.shape[-1] // 2
         b = as_bits(x)
-        return np.concatenate([b[..., ::2], b[..., 1::2]], axis=-1).view(x.dtype)
+        out = _same_layout(b)
+        out[..., :half], out[..., half:] = b[..., 0::2], b[..., 1::2]
+        return out.view(x.dtype)
 
     def inverse(self) -> Op:
         return RopeInterleave()
 
     def map_axis(self, axis: int, ndim: int) -> int | None:
         return None if axis == ndim - 1 else axis
+
+
+def _scaled_in_float32(x: np.ndarray, factor: np.float32, divide: bool = False) -> np.ndarray:
+    """`x * factor` (or `x / factor`) computed in float32, rounded once back to x's dtype; one
+    float32 temporary, scaled in place (a slab-sized allocation less than `x.astype(...) * f`)."""
+    y = x.astype(np.float32)
+    (np.divide if divide else np.multiply)(y, factor, out=y)
+    return y.astype(x.dtype, copy=False)
 
 
 @dataclass(frozen=True)
@@ -183,7 +203,7 @@ class ScaleBySqrt(Op):
         return np.float32(1 / root) if self.power < 0 else np.float32(root)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        return (x.astype(np.float32) * self.factor()).astype(x.dtype)
+        return _scaled_in_float32(x, self.factor())
 
     def inverse(self) -> Op:
         return ScaleBySqrt(self.n, -self.power)
@@ -206,9 +226,7 @@ class ScaleBy(Op):
     divide: bool = False
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        f = np.float32(self.factor)
-        y = x.astype(np.float32) / f if self.divide else x.astype(np.float32) * f
-        return y.astype(x.dtype)
+        return _scaled_in_float32(x, np.float32(self.factor), self.divide)
 
     def inverse(self) -> Op:
         return ScaleBy(self.factor, not self.divide)

@@ -46,7 +46,8 @@ from ckpt_transforms.specs import PARAMS_PREFIX, ModelMap, TargetParam, expand_t
 DEFAULT_MAX_ITEM_BYTES = 256 * 2**20
 # Items are planned at up to 1/ITEMS_OVERLAPPED of --max_item_bytes, so a worker can read and
 # transform one while TensorStore encodes and commits the other, all within the budget; an item
-# that cannot be cut that small (one slab's decode scratch) gets the whole budget and runs alone.
+# that cannot be cut that small without multiplying the items (one slab's decode scratch) gets the
+# whole budget and runs alone (see `choose_item_chunk`).
 ITEMS_OVERLAPPED = 2
 FLOAT_SOURCE_DTYPES = ("BF16", "F16", "F32", "F64")
 
@@ -416,6 +417,12 @@ def choose_chunk_shape(
     return tuple(chunk)
 
 
+def item_count(target: TargetParam, chunk: tuple[int, ...]) -> int:
+    """How many work items a target stored with `chunk` gets."""
+    extent = item_shape(target, chunk)
+    return math.prod(-(-n // e) if n else 1 for n, e in zip(target.shape, extent, strict=True))
+
+
 def choose_item_chunk(
     target: TargetParam,
     source_itemsize: float,
@@ -426,17 +433,27 @@ def choose_item_chunk(
     casts: bool = True,
 ) -> tuple[int, ...]:
     """The chunk for items of at most budget / ITEMS_OVERLAPPED, so that a worker overlaps them
-    within the budget, when cutting stack axes (layers, experts) gets there. A target that needs
-    its source rows cut (one huge tensor, or one expert's dequantization scratch) is cut for the
-    whole budget instead, and its items run alone: cutting rows finer would multiply the items
-    (e.g. DeepSeek-V3's experts: 12k -> 91k items) for no gain in bounded memory."""
+    within the budget.
+
+    Cutting stack axes (layers, experts) is always taken. Cutting source rows is taken when it
+    at most doubles the target's items compared with items of the whole budget (an embedding or
+    lm_head: two half-size items encode on two cores instead of one item on one). Otherwise the
+    target is cut for the whole budget and its items run alone: cutting rows finer would
+    multiply the items for no gain in bounded memory (DeepSeek-V3's FP8 experts, whose one-slab
+    dequantization scratch is over half the budget: 12k -> 91k items).
+    """
     args = (source_itemsize, save_itemsize)
+    half = budget // ITEMS_OVERLAPPED
     try:
-        return choose_chunk_shape(
-            target, *args, budget // ITEMS_OVERLAPPED, aux_itemsizes, shard_count, casts, row_cuts=False
-        )
+        return choose_chunk_shape(target, *args, half, aux_itemsizes, shard_count, casts, row_cuts=False)
     except PlanError:
-        return choose_chunk_shape(target, *args, budget, aux_itemsizes, shard_count, casts)
+        pass
+    whole = choose_chunk_shape(target, *args, budget, aux_itemsizes, shard_count, casts)
+    try:
+        halved = choose_chunk_shape(target, *args, half, aux_itemsizes, shard_count, casts)
+    except PlanError:
+        return whole
+    return halved if item_count(target, halved) <= 2 * item_count(target, whole) else whole
 
 
 def _items_for_target(

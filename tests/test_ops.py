@@ -137,9 +137,11 @@ def test_merge_then_split_is_identity(case):
 
 
 @SETTINGS
-@given(lead=shapes(0, 3, 4), half=st.integers(1, 8), seed=st.integers(0, 2**32 - 1))
-def test_rope_interleave_formula_and_inverse(lead, half, seed):
-    x = random_floats(lead + (2 * half,), seed, BF16)
+@given(lead=shapes(0, 3, 4), half=st.integers(1, 8), seed=st.integers(0, 2**32 - 1), transposed=st.booleans())
+def test_rope_interleave_formula_and_inverse(lead, half, seed, transposed):
+    shape = lead + (2 * half,)
+    # After a Transpose (HF [out, in] -> [in, heads, head_dim]) the rotary axis is the strided one.
+    x = random_floats(shape[::-1], seed, BF16).T if transposed else random_floats(shape, seed, BF16)
     out = RopeInterleave().apply(x)
     expected = np.empty_like(x)
     for i in range(half):

@@ -572,6 +572,18 @@ def _eleven_row_model() -> tuple[SourceModel, ModelMap]:
     return sm, mm
 
 
+def test_row_cut_target_is_halved_to_overlap_when_that_at_most_doubles_items():
+    """An embedding-like param that fits the whole budget but not half of it gets two items of
+    at most half the budget (they encode side by side), not one item that runs alone."""
+    sm, mm = _eleven_row_model()  # 110 bytes; as read, one item costs region + slab = 220
+    plan = build_plan(sm, mm, True, max_item_bytes=240)
+    assert len(plan.items) == 2
+    assert all(item_working_bytes(i) <= 120 for i in plan.items)
+    check_plan(plan, sm)
+    # With room for two whole copies, the param stays one chunk, as MaxText writes it.
+    assert len(build_plan(sm, mm, True, max_item_bytes=440).items) == 1
+
+
 def test_item_working_bytes_within_budget_for_eleven_rows():
     sm, mm = _eleven_row_model()
     for budget in range(80, 200):

@@ -152,14 +152,32 @@ def normalize_argv(argv: list[str]) -> list[str]:
     """Beam's own `--dry_run` takes a value; accept the bare flag too. Default the runner.
 
     Without --runner, run on Beam's FnApiRunner directly (what DirectRunner falls back to offline).
+    On Dataflow, default to one bundle thread per SDK process: the in-flight budget and the buffer
+    pool belong to one DoFn instance, so a process running several bundle threads at once would
+    hold that many budgets. Dataflow still runs one SDK process per vCPU, and TensorStore's own
+    threads encode in parallel with the one Python thread.
     """
     out = []
     for i, a in enumerate(argv):
         bare = a == "--dry_run" and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
         out.append("--dry_run=true" if bare else a)
-    if not any(a == "--runner" or a.startswith("--runner=") for a in out):
+    runner = _flag_value(out, "--runner")
+    if runner is None:
         out.append("--runner=FnApiRunner")
+    elif runner.endswith("DataflowRunner") and _flag_value(out, "--number_of_worker_harness_threads") is None:
+        out.append("--number_of_worker_harness_threads=1")
     return out
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of the last `flag` in argv (`--flag=v` or `--flag v`), or None if absent."""
+    value = None
+    for i, a in enumerate(argv):
+        if a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+        elif a == flag:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+    return value
 
 
 def run(argv: list[str] | None = None, convert_fn: type[ConvertWorkItem] = ConvertWorkItem) -> dict:

@@ -12,6 +12,7 @@ import subprocess
 import pytest
 from conftest import ROOT
 
+from pipelines.convert import normalize_argv
 from pipelines.options import ConvertOptions
 
 with open(os.path.join(ROOT, "dataflow_templates", "metadata.json"), encoding="utf-8") as f:
@@ -88,3 +89,23 @@ def test_hadolint_accepts_the_dockerfile():
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, threads",
+    [
+        (["--runner=DataflowRunner"], ["--number_of_worker_harness_threads=1"]),
+        (["--runner", "DataflowRunner"], ["--number_of_worker_harness_threads=1"]),
+        (["--runner=DataflowRunner", "--number_of_worker_harness_threads=4"], ["--number_of_worker_harness_threads=4"]),
+        (["--runner=DirectRunner"], []),
+    ],
+)
+def test_dataflow_runs_one_bundle_thread_per_process_unless_told(argv, threads):
+    """The in-flight budget is per DoFn instance: several bundle threads in one SDK process would
+    each hold a budget, so on Dataflow the launcher asks for one unless the user chose."""
+    from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions
+
+    out = normalize_argv(argv)
+    assert [a for a in out if "harness_threads" in a] == threads
+    expected = int(threads[0].split("=")[1]) if threads else None
+    assert PipelineOptions(out).view_as(DebugOptions).number_of_worker_harness_threads == expected

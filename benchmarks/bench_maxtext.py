@@ -151,7 +151,7 @@ def maxtext_command(peer_python: str, maxtext_src: str, src: str, out: str, laye
 
 def compare_checkpoints(ours: str, theirs: str) -> tuple[bool, str]:
     """Same leaf names, shapes and dtypes, and the same bytes in every leaf."""
-    from ckpt_transforms.inspect_ckpt import inspect_checkpoint, open_leaf, resolve_items_dir
+    from ckpt_transforms.orbax_io.inspect import inspect_checkpoint, open_leaf, resolve_items_dir
 
     a_leaves, _ = inspect_checkpoint(ours)
     b_leaves, _ = inspect_checkpoint(theirs)

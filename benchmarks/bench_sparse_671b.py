@@ -4,7 +4,7 @@
 
 Steps: write DeepSeek-V3 (tests/golden/deepseek_v3_config.json) as a sparse model directory:
 real safetensors headers and index, FP8 weights + F32 scale_inv grids, the MTP layer, ~689 GB
-apparent and a few MB on disk (ckpt_transforms.synthetic.write_sparse_model). Time `ckptbeam plan`
+apparent and a few MB on disk (ckpt_transforms.safetensors_io.synthetic.write_sparse_model). Time `ckptbeam plan`
 on it under /usr/bin/time -v (real header reader, scanned layout) and print the plan: items,
 bytes, largest item vs the budget. Then fill the tensors a slice reads with deterministic random
 values, convert that slice (`--only`, unscanned) under /usr/bin/time -v (wall, peak RSS), restore
@@ -27,15 +27,15 @@ sys.path.insert(0, ROOT)
 from common import CKPTBEAM, timed  # noqa: E402
 
 import model_maps  # noqa: E402
-from ckpt_transforms.plan import build_plan, item_working_bytes  # noqa: E402
-from ckpt_transforms.safetensors_index import load_source_model  # noqa: E402
-from ckpt_transforms.storage import open_source  # noqa: E402
-from ckpt_transforms.synthetic import (  # noqa: E402
+from ckpt_transforms.planning.convert_plan import build_plan, item_working_bytes  # noqa: E402
+from ckpt_transforms.safetensors_io.index import load_source_model  # noqa: E402
+from ckpt_transforms.safetensors_io.synthetic import (  # noqa: E402
     disk_usage,
     fill_tensors,
     supports_sparse_files,
     write_sparse_model,
 )
+from ckpt_transforms.storage.sources import open_source  # noqa: E402
 from pipelines.convert import human_bytes  # noqa: E402
 from pipelines.options import parse_only  # noqa: E402
 

@@ -10,7 +10,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ckpt_transforms.specs import ModelMap
+from ckpt_transforms.planning.specs import ModelMap
 from model_maps.common import ConfigError
 from model_maps.deepseek import deepseek_map
 from model_maps.gemma2 import gemma2_map

@@ -6,8 +6,9 @@ import dataclasses
 import fnmatch
 from dataclasses import dataclass
 
-from ckpt_transforms import quant
-from ckpt_transforms.ops import (
+from ckpt_transforms.planning.specs import Aux, ParamRule
+from ckpt_transforms.tensors import quant
+from ckpt_transforms.tensors.ops import (
     AddScalar,
     DequantFP8,
     Op,
@@ -20,7 +21,6 @@ from ckpt_transforms.ops import (
     TruncateAxis,
     split_decode,
 )
-from ckpt_transforms.specs import Aux, ParamRule
 
 LAYER = "model.layers.{layer}"
 

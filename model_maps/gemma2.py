@@ -35,8 +35,8 @@ import dataclasses
 
 import numpy as np
 
-from ckpt_transforms.ops import ScaleBy, ScaleBySqrt
-from ckpt_transforms.specs import LayerGroup, ModelMap, ParamRule
+from ckpt_transforms.planning.specs import LayerGroup, ModelMap, ParamRule
+from ckpt_transforms.tensors.ops import ScaleBy, ScaleBySqrt
 from model_maps.common import (
     KERNEL,
     NORM_PLUS_ONE,

@@ -49,8 +49,8 @@ from __future__ import annotations
 
 import ml_dtypes
 
-from ckpt_transforms.ops import ScaleBy, SplitAxis, Transpose
-from ckpt_transforms.specs import LayerGroup, ModelMap, ParamRule
+from ckpt_transforms.planning.specs import LayerGroup, ModelMap, ParamRule
+from ckpt_transforms.tensors.ops import ScaleBy, SplitAxis, Transpose
 from model_maps.common import (
     KERNEL,
     NORM_PLUS_ONE,

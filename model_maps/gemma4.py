@@ -62,8 +62,8 @@ import dataclasses
 
 import numpy as np
 
-from ckpt_transforms.ops import ScaleBy, SliceAxis, Transpose
-from ckpt_transforms.specs import LayerGroup, ModelMap, ParamRule
+from ckpt_transforms.planning.specs import LayerGroup, ModelMap, ParamRule
+from ckpt_transforms.tensors.ops import ScaleBy, SliceAxis, Transpose
 from model_maps.common import (
     KERNEL,
     ConfigError,

@@ -24,9 +24,9 @@ Evidence, all from MaxText (read for facts):
 
 from __future__ import annotations
 
-from ckpt_transforms.ops import DequantMXFP4, Op, TakeEvery, Transpose
-from ckpt_transforms.quant import MXFP4_GROUP
-from ckpt_transforms.specs import Aux, LayerGroup, ModelMap, ParamRule
+from ckpt_transforms.planning.specs import Aux, LayerGroup, ModelMap, ParamRule
+from ckpt_transforms.tensors.ops import DequantMXFP4, Op, TakeEvery, Transpose
+from ckpt_transforms.tensors.quant import MXFP4_GROUP
 from model_maps.common import (
     KERNEL,
     LAYER,

@@ -8,7 +8,7 @@ default RoPE (Mistral, Llama-2) keep HF's layout, as MaxText's llama_or_mistral 
 
 from __future__ import annotations
 
-from ckpt_transforms.specs import ModelMap
+from ckpt_transforms.planning.specs import ModelMap
 from model_maps.common import (
     Dims,
     attention_rules,

@@ -7,7 +7,7 @@ weights of a layer form one [experts, in, out] array (scanned: [experts, layers,
 
 from __future__ import annotations
 
-from ckpt_transforms.specs import ModelMap, ParamRule
+from ckpt_transforms.planning.specs import ModelMap, ParamRule
 from model_maps.common import (
     KERNEL,
     LAYER,

@@ -25,7 +25,7 @@ Evidence, all from MaxText (read for facts):
 
 from __future__ import annotations
 
-from ckpt_transforms.specs import LayerGroup, ModelMap, ParamRule
+from ckpt_transforms.planning.specs import LayerGroup, ModelMap, ParamRule
 from model_maps.common import (
     LAYER,
     ConfigError,

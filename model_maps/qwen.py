@@ -14,7 +14,7 @@ bias (`routed_bias` is unset in the qwen3-*-a*b model configs).
 
 from __future__ import annotations
 
-from ckpt_transforms.specs import ModelMap, ParamRule
+from ckpt_transforms.planning.specs import ModelMap, ParamRule
 from model_maps.common import (
     KERNEL,
     LAYER,

@@ -35,8 +35,8 @@ Evidence, all from MaxText (read for facts):
 
 from __future__ import annotations
 
-from ckpt_transforms.ops import Transpose
-from ckpt_transforms.specs import LayerGroup, ModelMap, ParamRule
+from ckpt_transforms.planning.specs import LayerGroup, ModelMap, ParamRule
+from ckpt_transforms.tensors.ops import Transpose
 from model_maps.common import (
     KERNEL,
     LAYER,

@@ -27,7 +27,7 @@ run `ckptbeam convert --help` for conversion options."""
 
 
 def _inspect(argv: list[str]) -> int:
-    from ckpt_transforms.inspect_ckpt import format_leaves, inspect_checkpoint
+    from ckpt_transforms.orbax_io.inspect import format_leaves, inspect_checkpoint
 
     parser = argparse.ArgumentParser(prog="ckptbeam inspect", description="List an Orbax checkpoint's params.")
     parser.add_argument("path", help="OUT, OUT/0 or OUT/0/items")

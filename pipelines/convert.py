@@ -17,11 +17,12 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
 import model_maps
-from ckpt_transforms import orbax_writer, outdir
-from ckpt_transforms.plan import Plan, build_plan, item_working_bytes
-from ckpt_transforms.provenance import PROVENANCE_FILE, differences, provenance_record
-from ckpt_transforms.safetensors_index import load_source_model
-from ckpt_transforms.storage import ByteSource, open_source
+from ckpt_transforms.orbax_io import writer as orbax_writer
+from ckpt_transforms.planning.convert_plan import Plan, build_plan, item_working_bytes
+from ckpt_transforms.safetensors_io.index import load_source_model
+from ckpt_transforms.storage import outdir
+from ckpt_transforms.storage.provenance import PROVENANCE_FILE, differences, provenance_record
+from ckpt_transforms.storage.sources import ByteSource, open_source
 from pipelines.graph import METRICS_NAMESPACE, ConvertWorkItem, build_pipeline
 from pipelines.options import ConvertOptions, parse_only, str2bool
 from pipelines.progress import ProgressMonitor

@@ -20,12 +20,13 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from ckpt_transforms import orbax_writer, outdir
-from ckpt_transforms.buffers import BufferPool
-from ckpt_transforms.convert_item import build_region
-from ckpt_transforms.plan import DEFAULT_MAX_ITEM_BYTES, ArrayPlan, Plan, WorkItem, item_working_bytes
-from ckpt_transforms.provenance import PROVENANCE_FILE
-from ckpt_transforms.storage import SourceError, open_source
+from ckpt_transforms.orbax_io import writer as orbax_writer
+from ckpt_transforms.planning.convert_plan import DEFAULT_MAX_ITEM_BYTES, ArrayPlan, Plan, WorkItem, item_working_bytes
+from ckpt_transforms.storage import outdir
+from ckpt_transforms.storage.provenance import PROVENANCE_FILE
+from ckpt_transforms.storage.sources import SourceError, open_source
+from ckpt_transforms.tensors.buffers import BufferPool
+from ckpt_transforms.work_items.convert import build_region
 
 log = logging.getLogger("ckptbeam")
 METRICS_NAMESPACE = "ckptbeam"

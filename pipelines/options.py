@@ -7,8 +7,8 @@ import re
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from ckpt_transforms.dtypes import SAVE_DTYPES
-from ckpt_transforms.plan import DEFAULT_MAX_ITEM_BYTES
+from ckpt_transforms.planning.convert_plan import DEFAULT_MAX_ITEM_BYTES
+from ckpt_transforms.tensors.dtypes import SAVE_DTYPES
 
 _UNITS = {
     "": 1,

@@ -12,10 +12,10 @@ import json
 import os
 
 import model_maps
-from ckpt_transforms.plan import DEFAULT_MAX_ITEM_BYTES, Plan, build_plan
-from ckpt_transforms.safetensors_index import INDEX_FILE, SINGLE_FILE, load_source_model
-from ckpt_transforms.storage import open_source
-from ckpt_transforms.synthetic import synthetic_source
+from ckpt_transforms.planning.convert_plan import DEFAULT_MAX_ITEM_BYTES, Plan, build_plan
+from ckpt_transforms.safetensors_io.index import INDEX_FILE, SINGLE_FILE, load_source_model
+from ckpt_transforms.safetensors_io.synthetic import synthetic_source
+from ckpt_transforms.storage.sources import open_source
 from pipelines.convert import format_summary, human_bytes
 from pipelines.options import parse_bytes, parse_only, parse_shard_count, str2bool
 

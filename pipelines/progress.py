@@ -11,8 +11,8 @@ import os
 import threading
 import time
 
-from ckpt_transforms import outdir
-from ckpt_transforms.orbax_writer import ATTEMPT_PREFIX, PROCESS_PREFIX
+from ckpt_transforms.orbax_io.writer import ATTEMPT_PREFIX, PROCESS_PREFIX
+from ckpt_transforms.storage import outdir
 
 log = logging.getLogger("ckptbeam")
 

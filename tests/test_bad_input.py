@@ -10,7 +10,7 @@ import struct
 import pytest
 from conftest import FIXTURES, convert
 
-from ckpt_transforms.storage import SourceError
+from ckpt_transforms.storage.sources import SourceError
 from model_maps import UnknownModelError
 from pipelines.graph import ConvertWorkItem
 

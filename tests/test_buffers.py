@@ -7,7 +7,7 @@ import tensorstore as ts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckpt_transforms.buffers import BufferPool
+from ckpt_transforms.tensors.buffers import BufferPool
 
 MiB = 1 << 20
 

@@ -7,9 +7,10 @@ import os
 from conftest import FIXTURES
 
 import model_maps
-from ckpt_transforms import convert_item, storage
-from ckpt_transforms.plan import build_plan
-from ckpt_transforms.safetensors_index import load_source_model
+from ckpt_transforms.planning.convert_plan import build_plan
+from ckpt_transforms.safetensors_io.index import load_source_model
+from ckpt_transforms.storage import sources as storage
+from ckpt_transforms.work_items import convert as convert_item
 
 
 def _plan_and_reads(fixture: str, monkeypatch):
@@ -61,7 +62,7 @@ def test_read_tensors_returns_each_tensor_exactly(monkeypatch):
 
 
 def test_zero_length_tensor_needs_no_read():
-    from ckpt_transforms.safetensors_index import TensorInfo
+    from ckpt_transforms.safetensors_io.index import TensorInfo
 
     class NoReads:
         uri = "none://"

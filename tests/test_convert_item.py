@@ -13,10 +13,10 @@ from reference import expected_leaves
 from safetensors import safe_open
 
 import model_maps
-from ckpt_transforms.convert_item import build_region
-from ckpt_transforms.plan import Plan, build_plan
-from ckpt_transforms.safetensors_index import load_source_model
-from ckpt_transforms.storage import open_source
+from ckpt_transforms.planning.convert_plan import Plan, build_plan
+from ckpt_transforms.safetensors_io.index import load_source_model
+from ckpt_transforms.storage.sources import open_source
+from ckpt_transforms.work_items.convert import build_region
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 P = "params.params."

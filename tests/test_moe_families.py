@@ -18,10 +18,10 @@ import pytest
 from conftest import FIXTURES
 
 import model_maps
-from ckpt_transforms.ops import PutEvery, TakeEvery
-from ckpt_transforms.plan import PlanError, build_plan
-from ckpt_transforms.safetensors_index import load_source_model
-from ckpt_transforms.specs import expand_targets
+from ckpt_transforms.planning.convert_plan import PlanError, build_plan
+from ckpt_transforms.planning.specs import expand_targets
+from ckpt_transforms.safetensors_io.index import load_source_model
+from ckpt_transforms.tensors.ops import PutEvery, TakeEvery
 from model_maps.common import ConfigError
 
 P = "params.params."
@@ -347,7 +347,7 @@ def test_gpt_oss_composite_reads_the_fused_tensor_once_per_half():
 
 
 def load_source_model_of(name: str):
-    from ckpt_transforms.storage import open_source
+    from ckpt_transforms.storage.sources import open_source
 
     return load_source_model(open_source(os.path.join(FIXTURES, name)))
 

@@ -26,12 +26,12 @@ from helpers_safetensors import fixture_config, fixture_tensors, write_tensors
 from reference import expected_leaves
 
 import model_maps
-from ckpt_transforms.convert_item import build_region
-from ckpt_transforms.ops import AddScalar, PadAxis, ScaleBy, SliceAxis, TruncateAxis
-from ckpt_transforms.plan import PlanError, build_plan, item_working_bytes
-from ckpt_transforms.safetensors_index import SourceModel, TensorInfo, load_source_model
-from ckpt_transforms.specs import ModelMap, ParamRule, expand_targets
-from ckpt_transforms.storage import open_source
+from ckpt_transforms.planning.convert_plan import PlanError, build_plan, item_working_bytes
+from ckpt_transforms.planning.specs import ModelMap, ParamRule, expand_targets
+from ckpt_transforms.safetensors_io.index import SourceModel, TensorInfo, load_source_model
+from ckpt_transforms.storage.sources import open_source
+from ckpt_transforms.tensors.ops import AddScalar, PadAxis, ScaleBy, SliceAxis, TruncateAxis
+from ckpt_transforms.work_items.convert import build_region
 from model_maps.common import ConfigError
 from pipelines.options import ConvertOptions
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckpt_transforms.ops import (
+from ckpt_transforms.tensors.ops import (
     MergeAxes,
     PadAxis,
     RopeHalves,

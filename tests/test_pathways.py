@@ -17,8 +17,8 @@ import pytest
 from conftest import FIXTURES, UNSCANNED_ONLY, assert_matches_reference, convert, restore_leaves
 from test_pipeline import FailsOnceAfterWriting, ZombieWriter
 
-from ckpt_transforms import orbax_writer
-from ckpt_transforms.plan import ArrayPlan, WorkItem
+from ckpt_transforms.orbax_io import writer as orbax_writer
+from ckpt_transforms.planning.convert_plan import ArrayPlan, WorkItem
 
 PATHWAYS = ("--use_ocdbt=false", "--use_zarr3=false")
 SHARDED = os.path.join(FIXTURES, "llama_f32_sharded")
@@ -154,7 +154,7 @@ def test_split_chunks_have_orbax_metadata(out_dir, tmp_path):
         expected = orbax_writer.chunk_keys(a.shape, a.chunk_shape, use_zarr3=False)
         assert sorted(os.listdir(os.path.join(_items(out_dir), a.name))) == sorted([".zarray", *expected])
     # `ckptbeam inspect` reads the layout from _METADATA
-    from ckpt_transforms.inspect_ckpt import inspect_checkpoint
+    from ckpt_transforms.orbax_io.inspect import inspect_checkpoint
 
     leaves, _ = inspect_checkpoint(out_dir)
     chunks = {leaf.name: leaf.chunk_shape for leaf in leaves}

@@ -7,8 +7,9 @@ import os
 import pytest
 from conftest import FIXTURES, assert_matches_reference, convert
 
-from ckpt_transforms import buffers, orbax_writer
-from ckpt_transforms.convert_item import build_region
+from ckpt_transforms.orbax_io import writer as orbax_writer
+from ckpt_transforms.tensors import buffers
+from ckpt_transforms.work_items.convert import build_region
 from pipelines.graph import ConvertWorkItem
 
 SHARDED = os.path.join(FIXTURES, "llama_f32_sharded")
@@ -124,7 +125,7 @@ class SourceBreaksOnce(ConvertWorkItem):
     calls = 0
 
     def start_attempt(self, item, db_id):
-        from ckpt_transforms.storage import SourceError
+        from ckpt_transforms.storage.sources import SourceError
 
         type(self).calls += 1
         raise SourceError(f"{item.param}: gone")

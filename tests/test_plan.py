@@ -25,11 +25,11 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import model_maps
-from ckpt_transforms.ops import Op, RopeInterleave, Transpose
-from ckpt_transforms.plan import Plan, PlanError, build_plan, item_working_bytes
-from ckpt_transforms.safetensors_index import SourceModel, TensorInfo, load_source_model
-from ckpt_transforms.specs import ModelMap, ParamRule
-from ckpt_transforms.storage import open_source
+from ckpt_transforms.planning.convert_plan import Plan, PlanError, build_plan, item_working_bytes
+from ckpt_transforms.planning.specs import ModelMap, ParamRule
+from ckpt_transforms.safetensors_io.index import SourceModel, TensorInfo, load_source_model
+from ckpt_transforms.storage.sources import open_source
+from ckpt_transforms.tensors.ops import Op, RopeInterleave, Transpose
 from model_maps import UnknownModelError
 from model_maps.common import KERNEL, ConfigError, heads_bias, heads_kernel, out_kernel
 

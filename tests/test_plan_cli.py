@@ -10,10 +10,10 @@ import pytest
 from conftest import FIXTURE_NAMES, FIXTURES, GOLDEN, UNSCANNED_ONLY
 
 import model_maps
-from ckpt_transforms.plan import build_plan, item_working_bytes
-from ckpt_transforms.safetensors_index import load_source_model
-from ckpt_transforms.storage import open_source
-from ckpt_transforms.synthetic import synthetic_source
+from ckpt_transforms.planning.convert_plan import build_plan, item_working_bytes
+from ckpt_transforms.safetensors_io.index import load_source_model
+from ckpt_transforms.safetensors_io.synthetic import synthetic_source
+from ckpt_transforms.storage.sources import open_source
 from pipelines.cli import main
 from pipelines.plan_cli import estimate_seconds, make_plan
 

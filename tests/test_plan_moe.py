@@ -16,8 +16,8 @@ import pytest
 from test_moe_families import DEEPSEEK3_671B, GPT_OSS_120B
 
 import model_maps
-from ckpt_transforms.plan import DEFAULT_MAX_ITEM_BYTES, Plan, build_plan, item_working_bytes
-from ckpt_transforms.safetensors_index import SourceModel, TensorInfo
+from ckpt_transforms.planning.convert_plan import DEFAULT_MAX_ITEM_BYTES, Plan, build_plan, item_working_bytes
+from ckpt_transforms.safetensors_io.index import SourceModel, TensorInfo
 
 BITS = {"BF16": 16, "F32": 32, "F8_E4M3": 8, "U8": 8}
 MiB = 2**20

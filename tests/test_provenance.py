@@ -7,9 +7,9 @@ import shutil
 
 from conftest import FIXTURES
 
-from ckpt_transforms.provenance import differences, provenance_record
-from ckpt_transforms.safetensors_index import load_source_model
-from ckpt_transforms.storage import open_source
+from ckpt_transforms.safetensors_io.index import load_source_model
+from ckpt_transforms.storage.provenance import differences, provenance_record
+from ckpt_transforms.storage.sources import open_source
 
 OPTIONS = {"scan_layers": True, "save_dtype": "bfloat16", "max_item_bytes": 1 << 28}
 

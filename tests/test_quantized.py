@@ -26,12 +26,12 @@ from reference import (
 )
 
 import model_maps
-from ckpt_transforms import quant
-from ckpt_transforms.convert_item import build_region
-from ckpt_transforms.ops import DequantFP8, DequantMXFP4, QuantizeFP8, QuantizeMXFP4
-from ckpt_transforms.plan import PlanError, build_plan
-from ckpt_transforms.safetensors_index import load_source_model
-from ckpt_transforms.storage import open_source
+from ckpt_transforms.planning.convert_plan import PlanError, build_plan
+from ckpt_transforms.safetensors_io.index import load_source_model
+from ckpt_transforms.storage.sources import open_source
+from ckpt_transforms.tensors import quant
+from ckpt_transforms.tensors.ops import DequantFP8, DequantMXFP4, QuantizeFP8, QuantizeMXFP4
+from ckpt_transforms.work_items.convert import build_region
 from model_maps.common import ConfigError
 
 BF16 = np.dtype(ml_dtypes.bfloat16)

@@ -14,8 +14,8 @@ import time
 import pytest
 from conftest import FIXTURES, ROOT, assert_matches_reference, convert
 
-from ckpt_transforms import storage
-from ckpt_transforms.provenance import PROVENANCE_FILE
+from ckpt_transforms.storage import sources as storage
+from ckpt_transforms.storage.provenance import PROVENANCE_FILE
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from make_llama_checkpoint import make  # noqa: E402

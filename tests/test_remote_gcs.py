@@ -17,9 +17,10 @@ from conftest import FIXTURES, assert_bitwise_equal, assert_matches_reference, c
 from gcs_emulator import FakeGcs, FaultProxy, is_range_read
 from reference import expected_leaves
 
-from ckpt_transforms import orbax_writer, outdir
-from ckpt_transforms.remote import GcsSource, RemoteError
-from ckpt_transforms.storage import open_source
+from ckpt_transforms.orbax_io import writer as orbax_writer
+from ckpt_transforms.storage import outdir
+from ckpt_transforms.storage.remote import GcsSource, RemoteError
+from ckpt_transforms.storage.sources import open_source
 from pipelines.progress import count_committed_databases
 
 SHARDED = "llama_f32_sharded"

@@ -17,8 +17,8 @@ from conftest import FIXTURES, ROOT, assert_matches_reference, convert
 from fake_hub import FakeHub
 from reference import load_tensors
 
-from ckpt_transforms.remote import HfSource, RemoteError
-from ckpt_transforms.storage import SourceError, open_source
+from ckpt_transforms.storage.remote import HfSource, RemoteError
+from ckpt_transforms.storage.sources import SourceError, open_source
 from pipelines.cli import main as cli_main
 
 SHARDED = os.path.join(FIXTURES, "llama_f32_sharded")

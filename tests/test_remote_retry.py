@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 from google.api_core import exceptions as gexc
 
-from ckpt_transforms.remote import (
+from ckpt_transforms.storage.remote import (
     HttpStatusError,
     RemoteError,
     RetryPolicy,
@@ -18,7 +18,7 @@ from ckpt_transforms.remote import (
     parse_hf_uri,
     with_retries,
 )
-from ckpt_transforms.storage import LocalSource, SourceError, open_source
+from ckpt_transforms.storage.sources import LocalSource, SourceError, open_source
 
 
 class Flaky:
@@ -143,8 +143,8 @@ def test_remote_schemes_register_lazily_in_a_fresh_process():
     """What a Beam worker process does: open a pinned URI without importing remote first."""
     code = (
         "import sys\n"
-        "from ckpt_transforms.storage import open_source\n"
-        "assert 'ckpt_transforms.remote' not in sys.modules\n"
+        "from ckpt_transforms.storage.sources import open_source\n"
+        "assert 'ckpt_transforms.storage.remote' not in sys.modules\n"
         "print(type(open_source('gs://bucket/model')).__name__,"
         " open_source('hf://acme/tiny@' + 'ab' * 20).uri)\n"
     )

@@ -23,13 +23,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from ckpt_transforms.safetensors_index import (
+from ckpt_transforms.safetensors_io.index import (
     MAX_HEADER_BYTES,
     TensorInfo,
     load_source_model,
     read_file_header,
 )
-from ckpt_transforms.storage import SourceError, open_source
+from ckpt_transforms.storage.sources import SourceError, open_source
 
 CONFIG = {"model_type": "llama", "hidden_size": 8}
 

@@ -24,10 +24,10 @@ from test_plan import check_plan
 from test_plan_moe import DEEPSEEK3_671B, check_real_plan, deepseek3_fp8_headers, source_model
 
 import model_maps
-from ckpt_transforms.plan import Plan, build_plan, item_shape, shard_shape
-from ckpt_transforms.safetensors_index import SourceModel, TensorInfo, load_source_model
-from ckpt_transforms.specs import ModelMap, ParamRule, expand_targets
-from ckpt_transforms.storage import open_source
+from ckpt_transforms.planning.convert_plan import Plan, build_plan, item_shape, shard_shape
+from ckpt_transforms.planning.specs import ModelMap, ParamRule, expand_targets
+from ckpt_transforms.safetensors_io.index import SourceModel, TensorInfo, load_source_model
+from ckpt_transforms.storage.sources import open_source
 from pipelines.cli import main
 from pipelines.options import ConvertOptions
 

@@ -20,11 +20,11 @@ from reference import BF16, RAW_DTYPES, _kernel, fp8_dequantize
 from test_plan_moe import check_real_plan
 
 import model_maps
-from ckpt_transforms.plan import DEFAULT_MAX_ITEM_BYTES, PlanError, build_plan, item_working_bytes
-from ckpt_transforms.provenance import PROVENANCE_FILE
-from ckpt_transforms.safetensors_index import INDEX_FILE, load_source_model
-from ckpt_transforms.storage import open_source
-from ckpt_transforms.synthetic import disk_usage, fill_tensors, supports_sparse_files, write_sparse_model
+from ckpt_transforms.planning.convert_plan import DEFAULT_MAX_ITEM_BYTES, PlanError, build_plan, item_working_bytes
+from ckpt_transforms.safetensors_io.index import INDEX_FILE, load_source_model
+from ckpt_transforms.safetensors_io.synthetic import disk_usage, fill_tensors, supports_sparse_files, write_sparse_model
+from ckpt_transforms.storage.provenance import PROVENANCE_FILE
+from ckpt_transforms.storage.sources import open_source
 
 with open(os.path.join(GOLDEN, "deepseek_v3_config.json"), encoding="utf-8") as f:
     CONFIG = json.load(f)
@@ -212,7 +212,7 @@ def test_only_is_recorded_in_provenance_only_when_set(capsys):
     """Records without --only stay equal to earlier ones; a partial one differs from a whole one."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from ckpt_transforms.provenance import differences
+    from ckpt_transforms.storage.provenance import differences
     from pipelines.convert import make_plan
     from pipelines.options import ConvertOptions
     from pipelines.plan_cli import plan_command

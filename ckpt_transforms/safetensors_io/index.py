@@ -14,8 +14,8 @@ import math
 import struct
 from dataclasses import dataclass
 
-from ckpt_transforms.dtypes import SAFETENSORS_DTYPES
-from ckpt_transforms.storage import ByteSource, SourceError, check_member_name
+from ckpt_transforms.storage.sources import ByteSource, SourceError, check_member_name
+from ckpt_transforms.tensors.dtypes import SAFETENSORS_DTYPES
 
 MAX_HEADER_BYTES = 100_000_000
 INDEX_FILE = "model.safetensors.index.json"

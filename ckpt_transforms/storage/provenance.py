@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from ckpt_transforms.safetensors_index import SourceModel
+from ckpt_transforms.safetensors_io.index import SourceModel
 
 PROVENANCE_FILE = "ckptbeam_provenance.json"
 FORMAT = "ckptbeam-provenance/1"

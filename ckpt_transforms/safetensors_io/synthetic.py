@@ -23,10 +23,10 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from ckpt_transforms.dtypes import SAFETENSORS_DTYPES, bits_per_element
-from ckpt_transforms.ops import split_decode
-from ckpt_transforms.safetensors_index import INDEX_FILE, SourceModel, TensorInfo
-from ckpt_transforms.specs import ModelMap, expand_targets
+from ckpt_transforms.planning.specs import ModelMap, expand_targets
+from ckpt_transforms.safetensors_io.index import INDEX_FILE, SourceModel, TensorInfo
+from ckpt_transforms.tensors.dtypes import SAFETENSORS_DTYPES, bits_per_element
+from ckpt_transforms.tensors.ops import split_decode
 
 SHARD_BYTES = 5 * 10**9
 # Tensors official checkpoints keep in float32 whatever config.json's dtype says (DeepSeek-V3's

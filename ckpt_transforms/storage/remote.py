@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from ckpt_transforms.outdir import split_gcs
-from ckpt_transforms.storage import SourceError, check_member_name, register_scheme
+from ckpt_transforms.storage.outdir import split_gcs
+from ckpt_transforms.storage.sources import SourceError, check_member_name, register_scheme
 
 log = logging.getLogger("ckptbeam")
 T = TypeVar("T")

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 import tensorstore as ts
 
-from ckpt_transforms import dtypes, outdir
-from ckpt_transforms.plan import ArrayPlan, WorkItem
+from ckpt_transforms.planning.convert_plan import ArrayPlan, WorkItem
+from ckpt_transforms.storage import outdir
+from ckpt_transforms.tensors import dtypes
 
 PROCESS_PREFIX = "ocdbt.process_"
 ATTEMPT_PREFIX = ".attempt_"  # without OCDBT: one attempt's chunk files, before the stitch moves them

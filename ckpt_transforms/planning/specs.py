@@ -23,7 +23,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ckpt_transforms.ops import Op, chain_output_shape
+from ckpt_transforms.tensors.ops import Op, chain_output_shape
 
 # MaxText's base.yml `param_scan_axis`: scanned stacks put the layer axis at axis 1.
 PARAM_SCAN_AXIS = 1

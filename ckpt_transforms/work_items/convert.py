@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ckpt_transforms import dtypes
-from ckpt_transforms.buffers import BufferPool
-from ckpt_transforms.ops import apply_chain, as_bits, split_decode
-from ckpt_transforms.plan import Slab, WorkItem
-from ckpt_transforms.safetensors_index import TensorInfo
-from ckpt_transforms.storage import ByteSource, coalesce_ranges
+from ckpt_transforms.planning.convert_plan import Slab, WorkItem
+from ckpt_transforms.safetensors_io.index import TensorInfo
+from ckpt_transforms.storage.sources import ByteSource, coalesce_ranges
+from ckpt_transforms.tensors import dtypes
+from ckpt_transforms.tensors.buffers import BufferPool
+from ckpt_transforms.tensors.ops import apply_chain, as_bits, split_decode
 
 
 def decode(raw: bytes | memoryview, src: TensorInfo) -> np.ndarray:

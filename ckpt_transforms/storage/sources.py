@@ -107,7 +107,7 @@ class LocalSource:
 _SCHEMES: dict[str, Callable[[str], ByteSource]] = {}
 # Schemes whose module registers itself on import. Imported on first use, so every process
 # (a Beam worker unpickling a DoFn included) gets the registration without importing it up front.
-_LAZY_SCHEMES = {"gs": "ckpt_transforms.remote", "hf": "ckpt_transforms.remote"}
+_LAZY_SCHEMES = {"gs": "ckpt_transforms.storage.remote", "hf": "ckpt_transforms.storage.remote"}
 
 
 def register_scheme(scheme: str, factory: Callable[[str], ByteSource]) -> None:
@@ -131,7 +131,7 @@ def open_source(uri: str) -> ByteSource:
     if sep:
         return _factory(scheme, uri)(uri)
     if not os.path.exists(uri):
-        from ckpt_transforms.remote import looks_like_repo_id
+        from ckpt_transforms.storage.remote import looks_like_repo_id
 
         if looks_like_repo_id(uri):
             try:

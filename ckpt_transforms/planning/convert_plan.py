@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ckpt_transforms import dtypes
-from ckpt_transforms.ops import (
+from ckpt_transforms.planning.specs import PARAMS_PREFIX, ModelMap, TargetParam, expand_targets
+from ckpt_transforms.safetensors_io.index import SourceModel, TensorInfo
+from ckpt_transforms.tensors import dtypes
+from ckpt_transforms.tensors.ops import (
     Op,
     PadAxis,
     RoundOnce,
@@ -40,8 +42,6 @@ from ckpt_transforms.ops import (
     chain_output_dtype,
     split_decode,
 )
-from ckpt_transforms.safetensors_index import SourceModel, TensorInfo
-from ckpt_transforms.specs import PARAMS_PREFIX, ModelMap, TargetParam, expand_targets
 
 DEFAULT_MAX_ITEM_BYTES = 256 * 2**20
 # Items are planned at up to 1/ITEMS_OVERLAPPED of --max_item_bytes, so a worker can read and

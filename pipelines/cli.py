@@ -18,6 +18,7 @@ USAGE = """ckptbeam COMMAND [options]
 
 commands:
   convert   HF safetensors -> MaxText Orbax checkpoint (Beam pipeline; Beam flags pass through)
+  export    MaxText Orbax checkpoint -> HF safetensors model directory (Beam pipeline)
   inspect   list an Orbax checkpoint's params, shapes, dtypes, chunking and size
   plan      plan a conversion from headers only, or from config.json alone (no weights needed),
             and estimate its wall time for N workers
@@ -57,6 +58,25 @@ def _convert(argv: list[str]) -> int:
     return 0
 
 
+def _export(argv: list[str]) -> int:
+    from pipelines.export import run
+    from pipelines.options import add_export_args
+
+    if "-h" in argv or "--help" in argv:
+        parser = argparse.ArgumentParser(
+            prog="ckptbeam export",
+            description="Export a MaxText Orbax checkpoint as a Hugging Face safetensors model directory. "
+            "Any Apache Beam pipeline option is accepted as well.",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        add_export_args(parser)
+        parser.print_help()
+        return 0
+    gc.freeze()
+    run(argv)
+    return 0
+
+
 def _plan(argv: list[str]) -> int:
     from pipelines.plan_cli import plan_command
 
@@ -77,7 +97,7 @@ def _demo(argv: list[str]) -> int:
     return _inspect([output])
 
 
-COMMANDS = {"convert": _convert, "inspect": _inspect, "plan": _plan, "demo": _demo}
+COMMANDS = {"convert": _convert, "export": _export, "inspect": _inspect, "plan": _plan, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> int:

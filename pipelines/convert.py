@@ -21,6 +21,7 @@ from ckpt_transforms.orbax_io import writer as orbax_writer
 from ckpt_transforms.planning.convert_plan import Plan, build_plan, item_working_bytes
 from ckpt_transforms.safetensors_io.index import load_source_model
 from ckpt_transforms.storage import outdir
+from ckpt_transforms.storage.hf_side_files import keep_with_checkpoint, read_side_files
 from ckpt_transforms.storage.provenance import PROVENANCE_FILE, differences, provenance_record
 from ckpt_transforms.storage.sources import ByteSource, open_source
 from pipelines.graph import METRICS_NAMESPACE, ConvertWorkItem, build_pipeline
@@ -211,6 +212,9 @@ def run(argv: list[str] | None = None, convert_fn: type[ConvertWorkItem] = Conve
     staging = _prepare_output(output, replace)
     runner = options.view_as(StandardOptions).runner or ""
     try:
+        # config, generation config and tokenizer go with the checkpoint, so `export` can
+        # rebuild a complete HF model directory from it alone.
+        keep_with_checkpoint(staging, read_side_files(source))
         with ProgressMonitor(outdir.join(staging, "items"), len(plan.items), summary["bytes_written"]):
             p = beam.Pipeline(options=options)
             # Workers open the pinned URI (hf://org/repo@<commit>), so all read the same files.

@@ -144,3 +144,126 @@ class ConvertOptions(PipelineOptions):
             "over MaxText param names, full (params.params.decoder.moe_layers_0.self_attention.wq_a.kernel) or "
             "below params.params (decoder.moe_layers_0.*). The whole source is still validated",
         )
+
+
+def parse_scan_layers(text: str) -> bool | None:
+    """--scan_layers for export: auto (None: as the checkpoint records it), true or false."""
+    if str(text).lower() == "auto":
+        return None
+    return str2bool(text)
+
+
+def add_export_args(parser: argparse.ArgumentParser) -> None:
+    """MaxText Orbax -> HF safetensors options (MaxText's `to_huggingface` names where it has one).
+
+    A plain argparse parser, not a PipelineOptions subclass: Beam merges every subclass's flags
+    into one parser, and `--scan_layers auto` or `--source` mean other things for convert."""
+    from ckpt_transforms.safetensors_io.layout import parse_shard_size
+
+    def shard_size(text: str) -> int:
+        try:
+            return parse_shard_size(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parser.add_argument(
+        "--source", help="MaxText/Orbax checkpoint: BASE, BASE/<step> or BASE/<step>/items (local or gs://)"
+    )
+    parser.add_argument("--output", help="Hugging Face model directory to write (must not exist, or --force)")
+    parser.add_argument(
+        "--hf_config",
+        default=None,
+        help="The target config.json: a file, a model directory, or hf://ORG/REPO[@REV] (config.json, "
+        "generation_config.json and tokenizer files are taken from there). Default: the one ckptbeam convert "
+        "kept with the checkpoint",
+    )
+    parser.add_argument(
+        "--model", default=None, help="Family or MaxText model name when config.json is ambiguous (as for convert)"
+    )
+    parser.add_argument(
+        "--scan_layers",
+        type=parse_scan_layers,
+        default=None,
+        help="auto (default: as the checkpoint records it, else from its param names), true or false; an "
+        "explicit value that disagrees with the checkpoint is an error",
+    )
+    parser.add_argument(
+        "--weight_dtype",
+        choices=sorted(SAVE_DTYPES),
+        default=None,
+        help="dtype of the written tensors, as MaxText's weight_dtype (leaves are cast to it on reading and "
+        "the hooks' results again); default: the checkpoint's own dtype (MaxText's default is float32)",
+    )
+    parser.add_argument(
+        "--max_shard_size",
+        type=shard_size,
+        default="5GB",
+        help="Largest safetensors shard before a new one starts (5GB = 5*10^9 bytes, as huggingface_hub; "
+        "GiB units are binary); one shard is written as model.safetensors",
+    )
+    parser.add_argument(
+        "--max_item_bytes",
+        type=parse_bytes,
+        default=DEFAULT_MAX_ITEM_BYTES,
+        help="Memory budget of one export work item (decoded chunks, their cast copy, output boxes); a chunk "
+        "larger than the budget is still read whole (--dry_run lists such params)",
+    )
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="Export only the HF tensors of MaxText params matching these comma-separated fnmatch patterns "
+        "(as convert's --only): a partial model, for spot checks",
+    )
+    parser.add_argument(
+        "--force",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="Re-export even if OUTPUT is up to date, and replace an OUTPUT ckptbeam did not write",
+    )
+    parser.add_argument("--item_attempts", type=int, default=3, help="Attempts per work item inside a worker")
+    parser.add_argument(
+        "--dry_run",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="Print the export plan (tensors, shards, work items, bytes, largest item) and exit",
+    )
+
+
+def beam_option_names() -> set[str]:
+    """Every flag some Beam PipelineOptions class (ours included) defines."""
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in PipelineOptions.__subclasses__() + [PipelineOptions]:
+        stack = [cls]
+        while stack:
+            c = stack.pop()
+            stack.extend(c.__subclasses__())
+            if "_add_argparse_args" in c.__dict__:
+                try:
+                    c._add_argparse_args(parser)
+                except argparse.ArgumentError:
+                    pass  # a flag two classes define: known either way
+    return {o for o in parser._option_string_actions if o.startswith("--")}
+
+
+def split_export_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(our export options, the Beam pipeline flags); any other argument is an error (exit 2)."""
+    parser = argparse.ArgumentParser(prog="ckptbeam export", allow_abbrev=False)
+    add_export_args(parser)
+    args, rest = parser.parse_known_args(argv)
+    known = beam_option_names()
+    for a in rest:
+        name = a.split("=", 1)[0]
+        if a.startswith("--") and name not in known:
+            import difflib
+
+            close = difflib.get_close_matches(name, sorted(known | {o for o in parser._option_string_actions}), n=1)
+            parser.error(f"unrecognized argument {a!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+        if not a.startswith("--") and (not rest or rest.index(a) == 0 or not rest[rest.index(a) - 1].startswith("--")):
+            parser.error(f"unrecognized argument {a!r} (options are spelled --name value)")
+    return args, rest

@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from ckpt_transforms.orbax_io.writer import ATTEMPT_PREFIX, PROCESS_PREFIX
 from ckpt_transforms.storage import outdir
@@ -40,8 +41,17 @@ def count_committed_databases(items_dir: str) -> int:
 class ProgressMonitor:
     """Logs 'N/M work items, MB written, MB/s, ETA' every `interval` seconds until stopped."""
 
-    def __init__(self, items_dir: str, total_items: int, total_bytes: int, interval: float = 5.0):
+    def __init__(
+        self,
+        items_dir: str,
+        total_items: int,
+        total_bytes: int,
+        interval: float = 5.0,
+        counter: Callable[[], int] | None = None,
+    ):
+        """`counter` returns the finished items (default: committed databases under `items_dir`)."""
         self.items_dir, self.total_items, self.total_bytes = items_dir, total_items, total_bytes
+        self.counter = counter or (lambda: count_committed_databases(items_dir))
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ckptbeam-progress", daemon=True)
@@ -56,7 +66,7 @@ class ProgressMonitor:
         self._thread.join(timeout=2)
 
     def line(self) -> str:
-        done = min(count_committed_databases(self.items_dir), self.total_items)
+        done = min(self.counter(), self.total_items)
         elapsed = max(time.time() - self.started, 1e-6)
         frac = done / self.total_items if self.total_items else 1.0
         written = self.total_bytes * frac

@@ -293,7 +293,7 @@ def _row_multiple(target: TargetParam, split: tuple[int, int] | None) -> int:
     return block // math.gcd(block, split[1])
 
 
-def _largest_fitting(n: int, fits, multiple: int = 1) -> int:
+def largest_fitting(n: int, fits, multiple: int = 1) -> int:
     """Largest c in {multiple, 2*multiple, ..., n} with fits(c) (fits is monotone); the
     smallest candidate if none fits."""
     steps = math.ceil(n / multiple)
@@ -399,7 +399,7 @@ def choose_chunk_shape(
     for axis in target.stack_axes:
         if item_cost(chunk) <= budget:
             return tuple(chunk)
-        chunk[axis] = _largest_fitting(chunk[axis], lambda v, a=axis: item_cost(with_axis(chunk, a, v)) <= budget)
+        chunk[axis] = largest_fitting(chunk[axis], lambda v, a=axis: item_cost(with_axis(chunk, a, v)) <= budget)
     if item_cost(chunk) <= budget:
         return tuple(chunk)
     if split is None or not row_cuts:
@@ -409,7 +409,7 @@ def choose_chunk_shape(
         )
     axis = split[0]
     # Candidates are whole aux row blocks (items equal chunks) and the unshrunk shard rows.
-    chunk[axis] = _largest_fitting(chunk[axis], lambda v: item_cost(with_axis(chunk, axis, v)) <= budget, multiple)
+    chunk[axis] = largest_fitting(chunk[axis], lambda v: item_cost(with_axis(chunk, axis, v)) <= budget, multiple)
     if item_cost(chunk) > budget:
         raise PlanError(
             f"{target.name}: even one row slab needs {item_cost(chunk)} bytes, over --max_item_bytes={budget}"

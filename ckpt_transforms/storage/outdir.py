@@ -10,6 +10,7 @@ kvstore, the same client the OCDBT writes use, so one set of credentials and one
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import shutil
@@ -70,7 +71,11 @@ def _prefix_range(prefix: str) -> ts.KvStore.KeyRange:
 
 def write_text(path: str, text: str) -> None:
     """Write a small file whole: atomic rename locally, one object upload on GCS."""
-    data = text.encode("utf-8")
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a small file whole: atomic rename locally, one object upload on GCS."""
     if is_gcs(path):
         parent, name = posixpath.split(path)
         _gcs_kvstore(parent).write(name, data).result()
@@ -81,17 +86,29 @@ def write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def read_text(path: str) -> str | None:
-    """A small file's text, or None if it does not exist."""
+def read_bytes(path: str) -> bytes | None:
+    """A small file's bytes, or None if it does not exist."""
     if is_gcs(path):
         parent, name = posixpath.split(path)
         result = _gcs_kvstore(parent).read(name).result()
-        return result.value.decode("utf-8") if result.state == "value" else None
+        return bytes(result.value) if result.state == "value" else None
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             return f.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
+
+
+def read_text(path: str) -> str | None:
+    """A small file's text, or None if it does not exist."""
+    data = read_bytes(path)
+    return None if data is None else data.decode("utf-8")
+
+
+def file_fingerprint(path: str) -> dict | None:
+    """{size, sha256} of a small file (the same locally and on GCS), or None if it is absent."""
+    data = read_bytes(path)
+    return None if data is None else {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def file_exists(path: str) -> bool:

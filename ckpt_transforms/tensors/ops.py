@@ -56,6 +56,33 @@ class Op:
         """dtype of `apply`'s result for an input of `dtype` (most ops keep it)."""
         return np.dtype(dtype)
 
+    def map_range(self, axis: int, shape: tuple[int, ...], rng: tuple[int, int]) -> tuple[int, tuple[int, int]] | None:
+        """Where entries [a, b) of input `axis` land: (output axis, output range), or None if a
+        part of that axis does not map to one contiguous output range.
+
+        Used when an op runs on a part of an array (an export work item holds some chunks of a
+        leaf): the part's result is then exactly that range of the whole result. By default an
+        axis maps through `map_axis`, scaled by how the op resizes it (a merge of [heads,
+        head_dim] maps heads [a, b) to rows [a * head_dim, b * head_dim))."""
+        out_axis = self.map_axis(axis, len(shape))
+        if out_axis is None:
+            return None
+        out_shape = self.output_shape(tuple(shape))
+        size, out_size = shape[axis], out_shape[out_axis]
+        if size and out_size % size == 0:
+            unit = out_size // size
+            return out_axis, (rng[0] * unit, rng[1] * unit)
+        # A split of the axis ([heads * head_dim] -> [heads, head_dim]): whole outer entries only.
+        if out_size and size % out_size == 0 and rng[0] % (size // out_size) == 0 and rng[1] % (size // out_size) == 0:
+            unit = size // out_size
+            return out_axis, (rng[0] // unit, rng[1] // unit)
+        return None
+
+    def for_part(self, axis: int, shape: tuple[int, ...], rng: tuple[int, int]) -> Op:
+        """The op to run on the part [a, b) of input `axis` (of the whole `shape`) so that its
+        result is the `map_range` of the whole result. Most ops act the same on a part."""
+        return self
+
 
 @dataclass(frozen=True)
 class Transpose(Op):
@@ -124,6 +151,11 @@ class MergeAxes(Op):
 
     def inverse(self) -> Op:
         return SplitAxis(self.axis, self.sizes)
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        n = len(self.sizes)
+        ax = self.axis % (len(shape) - n + 1) if self.axis < 0 else self.axis
+        return shape[:ax] + (math.prod(shape[ax : ax + n]),) + shape[ax + n :]
 
     def map_axis(self, axis: int, ndim: int) -> int | None:
         n = len(self.sizes)
@@ -278,6 +310,19 @@ class PadAxis(Op):
     def inverse(self) -> Op:
         return TruncateAxis(self.axis, self.source_size, self.size)
 
+    def map_range(self, axis, shape, rng):
+        if axis != self.axis % len(shape):
+            return super().map_range(axis, shape, rng)
+        # The zero rows follow the last input row: they belong to the part that ends there.
+        extra = self.size - shape[axis] if rng[1] == shape[axis] else 0
+        return axis, (rng[0], rng[1] + extra)
+
+    def for_part(self, axis, shape, rng):
+        if axis != self.axis % len(shape):
+            return self
+        lo, hi = self.map_range(axis, shape, rng)[1]
+        return PadAxis(self.axis, hi - lo, rng[1] - rng[0])
+
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         ax = self.axis % len(shape)
         return shape[:ax] + (self.size,) + shape[ax + 1 :]
@@ -301,6 +346,17 @@ class TruncateAxis(Op):
 
     def inverse(self) -> Op:
         return PadAxis(self.axis, self.source_size, self.size)
+
+    def map_range(self, axis, shape, rng):
+        if axis != self.axis % len(shape):
+            return super().map_range(axis, shape, rng)
+        return axis, (min(rng[0], self.size), min(rng[1], self.size))
+
+    def for_part(self, axis, shape, rng):
+        if axis != self.axis % len(shape):
+            return self
+        lo, hi = self.map_range(axis, shape, rng)[1]
+        return TruncateAxis(self.axis, hi - lo, rng[1] - rng[0])
 
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         ax = self.axis % len(shape)
@@ -360,6 +416,10 @@ class PutEvery(Op):
 
     def inverse(self) -> Op:
         return TakeEvery(self.axis, self.start, self.step)
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        ax = self.axis % len(shape)
+        return shape[:ax] + (shape[ax] * self.step,) + shape[ax + 1 :]
 
     def map_axis(self, axis: int, ndim: int) -> int | None:
         return None if axis == self.axis % ndim else axis

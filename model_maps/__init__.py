@@ -40,7 +40,6 @@ class Family:
     notes: str = ""
     scan: bool = True
     unscan: bool = True
-    directions: str = "HF → MaxText"
     quantized_sources: str = "—"
     multimodal: bool = False
 
@@ -244,15 +243,21 @@ def detect_family(config: dict, model: str | None = None) -> Family:
     )
 
 
+def _export_cell(f: Family) -> str:
+    # Quantized checkpoints are read dequantized: the export writes the weights unquantized.
+    return "yes" if f.quantized_sources == "—" else "yes (written unquantized)"
+
+
 def support_table() -> str:
     rows = [
-        "| family | HF architectures | MaxText model names | scanned | unscanned | direction | quantized sources | notes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| family | HF architectures | MaxText model names | scanned | unscanned | HF → Orbax | Orbax → HF "
+        "| quantized sources | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for f in FAMILIES:
         rows.append(
             f"| {f.name} | {', '.join(f.architectures)} | {', '.join(f.maxtext_names)} | "
-            f"{'yes' if f.scan else 'no'} | {'yes' if f.unscan else 'no'} | {f.directions} | "
+            f"{'yes' if f.scan else 'no'} | {'yes' if f.unscan else 'no'} | yes | {_export_cell(f)} | "
             f"{f.quantized_sources} | {f.notes} |"
         )
     return "\n".join(rows)

@@ -6,7 +6,6 @@ import argparse
 import gc
 import logging
 import os
-import shutil
 import sys
 import tempfile
 
@@ -22,7 +21,7 @@ commands:
   inspect   list an Orbax checkpoint's params, shapes, dtypes, chunking and size
   plan      plan a conversion from headers only, or from config.json alone (no weights needed),
             and estimate its wall time for N workers
-  demo      convert the bundled tiny Llama model and inspect the result
+  demo      convert the bundled tiny Llama model, inspect it and export it back to HF
 
 run `ckptbeam convert --help` for conversion options."""
 
@@ -84,17 +83,24 @@ def _plan(argv: list[str]) -> int:
 
 
 def _demo(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ckptbeam demo", description="Convert the bundled tiny Llama model.")
+    parser = argparse.ArgumentParser(
+        prog="ckptbeam demo",
+        description="Convert the bundled tiny Llama model to MaxText's Orbax format (OUTPUT/0/items), inspect it, "
+        "and export it back to a Hugging Face model directory (OUTPUT/hf).",
+    )
     parser.add_argument("--output", default=None, help="where to write (default: a fresh temporary directory)")
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing checkpoint or model at OUTPUT (never done without it)"
+    )
     args, beam_args = parser.parse_known_args(argv)
     if not os.path.isdir(DEMO_MODEL):
         print(f"demo model not found at {DEMO_MODEL}; run the demo from a source checkout", file=sys.stderr)
         return 2
     output = args.output or tempfile.mkdtemp(prefix="ckptbeam-demo-")
-    if args.output and os.path.exists(os.path.join(output, "0")):
-        shutil.rmtree(os.path.join(output, "0"))
-    _convert(["--source", DEMO_MODEL, "--output", output] + beam_args)
-    return _inspect([output])
+    force = ["--force"] if args.force else []
+    _convert(["--source", DEMO_MODEL, "--output", output, *force, *beam_args])
+    _inspect([output])
+    return _export(["--source", output, "--output", os.path.join(output, "hf"), *force, *beam_args])
 
 
 COMMANDS = {"convert": _convert, "export": _export, "inspect": _inspect, "plan": _plan, "demo": _demo}

@@ -42,6 +42,32 @@ def test_demo_converts_and_inspects(tmp_path):
         ]
     ]
     assert os.path.isfile(tmp_path / "demo" / "0" / "items" / "_METADATA")
+    assert os.path.isfile(tmp_path / "demo" / "hf" / "model.safetensors")  # and back to HF
+    assert "exported 30 tensors" in result.stdout
+
+
+def test_demo_never_replaces_a_checkpoint_it_did_not_write(tmp_path):
+    step = tmp_path / "demo" / "0"
+    step.mkdir(parents=True)
+    (step / "precious.txt").write_text("keep me")
+    result = _ckptbeam("demo", "--output", str(tmp_path / "demo"))
+    assert result.returncode != 0
+    assert "--force" in result.stderr and "Traceback" not in result.stderr
+    assert (step / "precious.txt").read_text() == "keep me"
+
+
+def test_export_from_the_entry_point(tmp_path):
+    ckpt, hf = str(tmp_path / "ckpt"), str(tmp_path / "hf")
+    assert _ckptbeam("convert", "--source", os.path.join(FIXTURES, "qwen3_bf16_tied"), "--output", ckpt).returncode == 0
+    result = _ckptbeam("export", "--source", ckpt, "--output", hf)
+    assert result.returncode == 0, result.stderr
+    assert "exported" in result.stdout and os.path.isfile(os.path.join(hf, "model.safetensors"))
+    typo = _ckptbeam("export", "--source", ckpt, "--output", hf + "2", "--weight_dtyp", "float32")
+    assert typo.returncode == 2 and "--weight_dtype" in typo.stderr
+    assert not os.path.exists(hf + "2")
+    help_text = _ckptbeam("export", "--help").stdout
+    for flag in ("--hf_config", "--scan_layers", "--weight_dtype", "--max_shard_size", "--only", "--dry_run"):
+        assert flag in help_text
 
 
 def test_module_entry_point_and_unscanned(tmp_path):

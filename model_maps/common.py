@@ -168,10 +168,11 @@ def embedding_rules(d: Dims, vocab_size: int | None = None) -> list[ParamRule]:
 
     With `vocab_size` (MaxText's option) both vocabulary-sized params get that many rows: MaxText
     builds its embedding [vocab_size, emb] and logits_dense [emb, vocab_size] from the option, so
-    a head left at HF's size could not be loaded next to a resized embedding. (MaxText's own hooks
-    only resize the embedding; its logits_dense hooks are plain transposes, so to_maxtext fails
-    on an untied head then.) The head is resized on its source rows, before the transpose, so
-    work items still read only the rows that exist."""
+    a head left at HF's size could not be loaded next to a resized embedding. (MaxText's own
+    converter pads the embedding for Qwen, Olmo3 and Gemma only, truncates it for Gemma3 only,
+    and its logits_dense hooks are plain transposes, so to_maxtext fails with a shape error in
+    the other cases.) The head is resized on its source rows, before the transpose, so work
+    items still read only the rows that exist."""
     resize = vocab_resize(d.vocab, vocab_rows(d.vocab, vocab_size))
     rules = [
         ParamRule(EMBEDDING, "model.embed_tokens.weight", (d.vocab, d.hidden), resize),

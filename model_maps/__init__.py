@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ckpt_transforms.planning.specs import ModelMap
-from model_maps.common import ConfigError
+from model_maps.common import EMBEDDING, ConfigError
 from model_maps.deepseek import deepseek_map
 from model_maps.gemma2 import gemma2_map
 from model_maps.gemma3 import gemma3_map
@@ -43,13 +43,27 @@ class Family:
     quantized_sources: str = "—"
     multimodal: bool = False
 
-    def build(self, config: dict, use_multimodal: bool | None = None) -> ModelMap:
-        """The family's map for `config`; `use_multimodal` None means MaxText's default (false)."""
+    def build(self, config: dict, use_multimodal: bool | None = None, vocab_size: int | None = None) -> ModelMap:
+        """The family's map for `config`; `use_multimodal` None means MaxText's default (false).
+
+        `vocab_size` (MaxText's option) is the row count of MaxText's embedding (and of an untied
+        logits_dense): HF's rows are zero-padded or cut to it. None keeps today's default: the
+        official vocabularies MaxText resizes (Gemma2, Gemma3) get MaxText's size, others keep
+        theirs. Export builds the map with the checkpoint's rows, so the inverse ops cut (or pad)
+        back to config.json's vocab_size."""
+        check_vocab_size(vocab_size)
         if self.multimodal:
-            return self.builder(config, use_multimodal=bool(use_multimodal))
+            return self.builder(config, use_multimodal=bool(use_multimodal), vocab_size=vocab_size)
         if use_multimodal:
             raise ConfigError(f"--use_multimodal: {self.name} has no vision tower to convert")
-        return self.builder(config)
+        return self.builder(config, vocab_size=vocab_size)
+
+
+def check_vocab_size(vocab_size: int | None) -> None:
+    if vocab_size is None:
+        return
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ConfigError(f"vocab_size must be a whole number of rows >= 1, got {vocab_size!r}")
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -211,6 +225,86 @@ FAMILIES: tuple[Family, ...] = (
         "MoE with shared expert and its gate; experts stacked on axis 0; MTP head reported as known extras",
     ),
 )
+
+
+# vocab_size of each MaxText model config (configs/models/<name>.yml; `-Instruct` names read the
+# base model's file). MaxText builds its embedding with exactly this many rows unless run with
+# `vocab_size=N override_model_config=true`, and cannot load a checkpoint with other rows.
+# qwen3-coder-480b-a35b has a mapping in MaxText but no model config, so it is not listed.
+MAXTEXT_VOCAB_SIZES: dict[str, int] = {
+    "llama3.1-8b": 128256,
+    "llama3.1-8b-Instruct": 128256,
+    "llama3.1-70b": 128256,
+    "llama3.1-405b": 128256,
+    "llama2-7b": 32000,
+    "llama3-8b": 128256,
+    "mistral-7b": 32000,
+    "qwen2.5-1.5b": 151936,
+    "qwen2.5-7b": 152064,
+    "qwen2.5-14b": 152064,
+    **dict.fromkeys(
+        (
+            "qwen3-0.6b",
+            "qwen3-1.7b",
+            "qwen3-1.7b-base",
+            "qwen3-4b",
+            "qwen3-4b-base",
+            "qwen3-4b-thinking-2507",
+            "qwen3-8b",
+            "qwen3-8b-base",
+            "qwen3-14b",
+            "qwen3-14b-base",
+            "qwen3-32b",
+            "qwen3-30b-a3b",
+            "qwen3-30b-a3b-base",
+            "qwen3-235b-a22b",
+            "qwen3-480b-a35b",
+            "qwen3-next-80b-a3b",
+        ),
+        151936,
+    ),
+    "mixtral-8x7b": 32000,
+    "mixtral-8x22b": 32768,
+    "deepseek2-16b": 102400,
+    "deepseek3-671b": 129280,
+    "deepseek3.2-671b": 129280,
+    "gpt-oss-20b": 201088,
+    "gpt-oss-120b": 201088,
+    **dict.fromkeys(("gemma2-2b", "gemma2-9b", "gemma2-27b"), 256128),
+    **dict.fromkeys(("gemma3-4b", "gemma3-12b", "gemma3-27b"), 262144),
+    **dict.fromkeys(("gemma4-26b", "gemma4-31b", "gemma4-e2b", "gemma4-e4b"), 262144),
+    **dict.fromkeys(("olmo3-7b", "olmo3-7b-pt", "olmo3-32b"), 100278),
+}
+
+
+def maxtext_default_vocab(family: Family, model: str | None) -> tuple[int, str] | None:
+    """(MaxText's default vocab_size, whose default it is) for this conversion: the --model
+    MaxText name's config, else the size all of the family's model configs share; None when it
+    cannot be told (the family's configs differ, e.g. llama2-7b vs llama3.1-8b)."""
+    if model in MAXTEXT_VOCAB_SIZES:
+        return MAXTEXT_VOCAB_SIZES[model], f"{model}'s config"
+    sizes = {MAXTEXT_VOCAB_SIZES[n] for n in family.maxtext_names if n in MAXTEXT_VOCAB_SIZES}
+    if len(sizes) == 1:
+        return sizes.pop(), f"every {family.name} model config"
+    return None
+
+
+def vocab_summary(family: Family, model: str | None, model_map: ModelMap) -> dict:
+    """What the run summary says about the vocabulary: the embedding rows written, config.json's
+    vocab_size, MaxText's default, and whether MaxText must be run with `vocab_size=` (the rows
+    differ from MaxText's default, or, when that is unknown, from config.json's)."""
+    rule = next((r for r in model_map.global_rules if r.target == EMBEDDING), None)
+    if rule is None:
+        return {}
+    rows, hf_rows = rule.slab_shape[0], rule.source_shape[0]
+    default = maxtext_default_vocab(family, model)
+    return {
+        "vocab_size": rows,
+        "hf_vocab_size": hf_rows,
+        "maxtext_vocab_size": default[0] if default else None,
+        "maxtext_vocab_of": default[1] if default else None,
+        "run_with_vocab_size": rows != (default[0] if default else hf_rows),
+    }
 
 
 class UnknownModelError(ValueError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ckpt_transforms.planning.specs import Aux, ParamRule
@@ -159,14 +160,26 @@ def expert_rules(target: str, hf_expert: str, experts: int, mlp: int, hidden: in
     ]
 
 
-def embedding_rules(d: Dims) -> list[ParamRule]:
-    """Token embedding, final norm and (when untied) the LM head as MaxText's logits_dense."""
+EMBEDDING = "token_embedder/embedding"
+
+
+def embedding_rules(d: Dims, vocab_size: int | None = None) -> list[ParamRule]:
+    """Token embedding, final norm and (when untied) the LM head as MaxText's logits_dense.
+
+    With `vocab_size` (MaxText's option) both vocabulary-sized params get that many rows: MaxText
+    builds its embedding [vocab_size, emb] and logits_dense [emb, vocab_size] from the option, so
+    a head left at HF's size could not be loaded next to a resized embedding. (MaxText's own
+    converter pads the embedding for Qwen, Olmo3 and Gemma only, truncates it for Gemma3 only,
+    and its logits_dense hooks are plain transposes, so to_maxtext fails with a shape error in
+    the other cases.) The head is resized on its source rows, before the transpose, so work
+    items still read only the rows that exist."""
+    resize = vocab_resize(d.vocab, vocab_rows(d.vocab, vocab_size))
     rules = [
-        ParamRule("token_embedder/embedding", "model.embed_tokens.weight", (d.vocab, d.hidden)),
+        ParamRule(EMBEDDING, "model.embed_tokens.weight", (d.vocab, d.hidden), resize),
         ParamRule("decoder/decoder_norm/scale", "model.norm.weight", (d.hidden,)),
     ]
     if not d.tied:
-        rules.append(ParamRule("decoder/logits_dense/kernel", "lm_head.weight", (d.vocab, d.hidden), KERNEL))
+        rules.append(ParamRule("decoder/logits_dense/kernel", "lm_head.weight", (d.vocab, d.hidden), resize + KERNEL))
     return rules
 
 
@@ -233,6 +246,15 @@ def fp8_weight(rule: ParamRule, block: tuple[int, int]) -> ParamRule:
 
 # Gemma's RMSNorm weights are zero-centred in HF (applied as 1 + w); MaxText stores 1 + w.
 NORM_PLUS_ONE: tuple[Op, ...] = (AddScalar(1.0),)
+
+
+def vocab_rows(hf_vocab: int, vocab_size: int | None, maxtext_sizes: Mapping[int, int] | None = None) -> int:
+    """Rows of MaxText's embedding: the user's `vocab_size` when given; else MaxText's size for
+    an official HF vocabulary (`maxtext_sizes`, HF rows -> the model configs' vocab_size: Gemma2
+    pads, Gemma3 cuts); else the HF vocabulary as it is."""
+    if vocab_size is not None:
+        return vocab_size
+    return (maxtext_sizes or {}).get(hf_vocab, hf_vocab)
 
 
 def vocab_resize(hf_vocab: int, maxtext_vocab: int) -> tuple[Op, ...]:

@@ -191,7 +191,7 @@ def fp8_layer(config: dict, rules: list[ParamRule], block: tuple[int, int]) -> l
     )
 
 
-def deepseek_map(config: dict, variant: str) -> ModelMap:
+def deepseek_map(config: dict, variant: str, vocab_size: int | None = None) -> ModelMap:
     """`variant` ('deepseek2', 'deepseek3', 'deepseek3.2') is the family chosen, as for Qwen."""
     router_bias, indexer = VARIANTS[variant]
     method = require_quant_method(config, variant, ("fp8",))
@@ -206,7 +206,7 @@ def deepseek_map(config: dict, variant: str) -> ModelMap:
     if method == "fp8":
         block = fp8_block_size(config)
         dense, moe = (fp8_layer(config, rules, block) for rules in (dense, moe))
-    global_rules = embedding_rules(d)
+    global_rules = embedding_rules(d, vocab_size)
     if method == "fp8":
         global_rules = rounded_like_dequantize_scripts(global_rules)
     mtp = int(config.get("num_nextn_predict_layers") or 0)

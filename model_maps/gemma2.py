@@ -24,7 +24,8 @@ Evidence, all from MaxText (read for facts):
     Every gemma2 model config has `vocab_size: 256128` and the HF checkpoints 256000 rows
     (the hook's docstring: "MaxText pads Gemma2 embedding to 256128"), so a checkpoint with
     that official vocabulary is padded to 256128; a checkpoint with another vocabulary keeps it
-    (MaxText has to be given `vocab_size` to load it then).
+    (MaxText has to be given `vocab_size` to load it then). `vocab_size` (MaxText's option)
+    pads or cuts to that many rows instead.
 - The model configs set `logits_via_embedding: true` and the mapping has no lm_head: the
   output head is the embedding, so an untied checkpoint is refused.
 """
@@ -48,6 +49,7 @@ from model_maps.common import (
     out_kernel,
     require_quant_method,
     vocab_resize,
+    vocab_rows,
 )
 
 # HF vocabulary of the official checkpoints -> MaxText's vocab_size (gemma2-*.yml).
@@ -83,7 +85,7 @@ def sub_layer_rules(d: Dims, kind: str, offset: int) -> list[ParamRule]:
     return [dataclasses.replace(r, layer_stride=2, layer_offset=offset) for r in rules]
 
 
-def gemma2_map(config: dict) -> ModelMap:
+def gemma2_map(config: dict, vocab_size: int | None = None) -> ModelMap:
     require_quant_method(config, "gemma2")
     d = Dims.from_config(config)
     if d.layers % 2:
@@ -94,7 +96,7 @@ def gemma2_map(config: dict) -> ModelMap:
         raise ConfigError("tie_word_embeddings is false, but MaxText's gemma2 uses the embedding as its output head")
     check_layer_types(config, ("sliding_attention", "full_attention"), "gemma2", d.layers)
     normalizer = float(np.float32(d.hidden**0.5))
-    embed_ops = vocab_resize(d.vocab, MAXTEXT_VOCAB.get(d.vocab, d.vocab)) + (ScaleBy(normalizer),)
+    embed_ops = vocab_resize(d.vocab, vocab_rows(d.vocab, vocab_size, MAXTEXT_VOCAB)) + (ScaleBy(normalizer),)
     global_rules = (
         ParamRule("token_embedder/embedding", "model.embed_tokens.weight", (d.vocab, d.hidden), embed_ops),
         ParamRule("decoder/decoder_norm/scale", "model.norm.weight", (d.hidden,), NORM_PLUS_ONE),

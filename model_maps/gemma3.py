@@ -20,7 +20,8 @@ Evidence, all from MaxText (read for facts):
   `np.dtype("bfloat16").type(hidden_size ** 0.5)` (a bf16 scalar: the product is rounded once to
   the embedding's dtype) and then padded or truncated to MaxText's vocab_size: the gemma3 model
   configs say 262144 while the official checkpoints have 262208 rows, so those are cut to
-  262144; a checkpoint with another vocabulary keeps its size.
+  262144; a checkpoint with another vocabulary keeps its size; `vocab_size` (MaxText's
+  option) pads or cuts to that many rows instead.
 - Vision (only with use_multimodal; base.yml's default is false and the gemma3 model configs do
   not change it): `vision_encoder/Gemma3VisionEncoderLayer_0/...`: the patch conv kernel
   transposed (2, 3, 1, 0) to [patch, patch, channels, width] and its bias; `pos_embedding` with
@@ -65,6 +66,7 @@ from model_maps.common import (
     require_quant_method,
     sub_config,
     vocab_resize,
+    vocab_rows,
 )
 
 # models/gemma3.py GEMMA3_ATTENTION_PATTERN, in HF's layer_types spelling.
@@ -178,7 +180,7 @@ def vision_rules(vision: dict, text_hidden: int) -> list[ParamRule]:
     ]
 
 
-def gemma3_map(config: dict, use_multimodal: bool | None = None) -> ModelMap:
+def gemma3_map(config: dict, use_multimodal: bool | None = None, vocab_size: int | None = None) -> ModelMap:
     require_quant_method(config, "gemma3")
     # Gemma3ForConditionalGeneration nests the decoder's config; Gemma3ForCausalLM does not.
     text = sub_config(config, "text_config") if "text_config" in config else config
@@ -190,7 +192,7 @@ def gemma3_map(config: dict, use_multimodal: bool | None = None) -> ModelMap:
         raise ConfigError("tie_word_embeddings is false, but MaxText's gemma3 uses the embedding as its output head")
     check_layer_types(text, ATTENTION_PATTERN, "gemma3", d.layers)
     normalizer = float(ml_dtypes.bfloat16(d.hidden**0.5))
-    embed_ops = (ScaleBy(normalizer),) + vocab_resize(d.vocab, MAXTEXT_VOCAB.get(d.vocab, d.vocab))
+    embed_ops = (ScaleBy(normalizer),) + vocab_resize(d.vocab, vocab_rows(d.vocab, vocab_size, MAXTEXT_VOCAB))
     global_rules = [
         ParamRule("token_embedder/embedding", f"{TEXT}.embed_tokens.weight", (d.vocab, d.hidden), embed_ops),
         ParamRule("decoder/decoder_norm/scale", f"{TEXT}.norm.weight", (d.hidden,), NORM_PLUS_ONE),

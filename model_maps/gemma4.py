@@ -32,7 +32,9 @@ Evidence, all from MaxText (read for facts):
     `mlp/moe_block/shared_experts/*` = the layer's mlp.gate/up/down_proj, `mlp/pre_forward_scale_2`
     (router.scale), `mlp/pre_feedforward_layernorm_2`, `mlp/post_feedforward_layernorm_1/2`.
   - Embedding (`pad_hf_embedding_layer`): times `np.float32(hidden_size ** 0.5)`, cast back; the
-    gemma4 model configs' vocab_size (262144) is the HF vocabulary, so nothing is padded.
+    gemma4 model configs' vocab_size (262144) is the HF vocabulary, so nothing is padded unless
+    `vocab_size` (MaxText's option) asks for other rows. The E2B/E4B per-layer embedding keeps
+    its rows: MaxText sizes it by `vocab_size_per_layer_input`, not `vocab_size`.
     `logits_via_embedding: true`: an untied checkpoint is refused.
   - Vision (layers/encoders.py names `Gemma4VisionEncoderLayer_0` and `Gemma4VisionProjector_0`;
     models/gemma4_vision.py): `vision_entry/input_projection/kernel` (input_proj transposed),
@@ -73,6 +75,8 @@ from model_maps.common import (
     heads_kernel,
     out_kernel,
     require_quant_method,
+    vocab_resize,
+    vocab_rows,
 )
 
 BLOCK = ("sliding_attention",) * 5 + ("full_attention",)  # models/gemma4.py GEMMA4_ATTENTION_PATTERN
@@ -279,7 +283,7 @@ def small_layer_groups(text: dict, d: Dims, local: Attn, glob: Attn, types: list
     return tuple(groups)
 
 
-def gemma4_map(config: dict, use_multimodal: bool = False) -> ModelMap:
+def gemma4_map(config: dict, use_multimodal: bool = False, vocab_size: int | None = None) -> ModelMap:
     require_quant_method(config, "gemma4")
     text = _text_config(config)
     d = Dims.from_config(text)
@@ -290,7 +294,7 @@ def gemma4_map(config: dict, use_multimodal: bool = False) -> ModelMap:
     if not small:
         check_layer_types(text, BLOCK, "gemma4", d.layers)
     local, glob = Attn(d.heads, d.kv_heads, d.head_dim), global_attention(text, d, types)
-    embed_ops = (ScaleBy(float(np.float32(d.hidden**0.5))),)
+    embed_ops = vocab_resize(d.vocab, vocab_rows(d.vocab, vocab_size)) + (ScaleBy(float(np.float32(d.hidden**0.5))),)
     global_rules = [
         ParamRule("token_embedder/embedding", f"{TEXT}.embed_tokens.weight", (d.vocab, d.hidden), embed_ops),
         ParamRule("decoder/decoder_norm/scale", f"{TEXT}.norm.weight", (d.hidden,)),

@@ -70,7 +70,7 @@ def _expert_rule(
     return ParamRule(target, f"{key}_blocks", (experts, out, groups, MXFP4_GROUP // 2), ops, aux=(scales,))
 
 
-def gpt_oss_map(config: dict) -> ModelMap:
+def gpt_oss_map(config: dict, vocab_size: int | None = None) -> ModelMap:
     mxfp4 = require_quant_method(config, "gpt_oss", ("mxfp4",)) == "mxfp4"
     d = Dims.from_config(config)
     if not config.get("num_local_experts"):
@@ -89,7 +89,7 @@ def gpt_oss_map(config: dict) -> ModelMap:
         _expert_rule(f"{t}/wo", f"{hf}.experts.down_proj", e, d.hidden, d.mlp, mxfp4),
         ParamRule(f"{t}/wo_bias", f"{hf}.experts.down_proj_bias", (e, d.hidden)),
     ]
-    global_rules = embedding_rules(d)
+    global_rules = embedding_rules(d, vocab_size)
     if mxfp4:  # dequantize_mxfp4.py rewrites the other tensors in its target dtype (bf16)
         rules, global_rules = rounded_like_dequantize_scripts(rules), rounded_like_dequantize_scripts(global_rules)
     group = LayerGroup("decoder/layers", tuple(range(d.layers)), tuple(rules), cycle=layer_cycle(config, d.layers))

@@ -25,7 +25,7 @@ def uses_llama3_rope(config: dict) -> bool:
     return (rope.get("rope_type") or rope.get("type")) == "llama3"
 
 
-def llama_map(config: dict) -> ModelMap:
+def llama_map(config: dict, vocab_size: int | None = None) -> ModelMap:
     require_quant_method(config, config.get("model_type") or "llama")
     d = Dims.from_config(config)
     rules = attention_rules(d, rope_interleave=uses_llama3_rope(config), scale_query=True)
@@ -33,7 +33,7 @@ def llama_map(config: dict) -> ModelMap:
     return ModelMap(
         family=config.get("model_type", "llama"),
         num_layers=d.layers,
-        global_rules=tuple(embedding_rules(d)),
+        global_rules=tuple(embedding_rules(d, vocab_size)),
         layer_rules=tuple(rules),
         known_extras=common_extras(d),
     )

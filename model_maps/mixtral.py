@@ -21,7 +21,7 @@ from model_maps.common import (
 )
 
 
-def mixtral_map(config: dict) -> ModelMap:
+def mixtral_map(config: dict, vocab_size: int | None = None) -> ModelMap:
     require_quant_method(config, "mixtral")
     d = Dims.from_config(config)
     if not config.get("num_local_experts"):
@@ -38,7 +38,7 @@ def mixtral_map(config: dict) -> ModelMap:
     return ModelMap(
         family="mixtral",
         num_layers=d.layers,
-        global_rules=tuple(embedding_rules(d)),
+        global_rules=tuple(embedding_rules(d, vocab_size)),
         layer_rules=tuple(rules),
         known_extras=common_extras(d),
     )

@@ -19,7 +19,8 @@ Evidence, all from MaxText (read for facts):
   (num_kv_heads * head_dim for the key) for model names starting with "olmo3".
 - Embedding: the hook zero-pads to MaxText's vocab_size, but MaxText's olmo3 configs have the
   same vocab as the HF checkpoints (100278), and an untied `logits_dense` can only be built when
-  the two agree (its hook is a plain transpose-reshape), so the embedding is taken as it is.
+  the two agree (its hook is a plain transpose-reshape), so the embedding is taken as it is
+  unless `vocab_size` asks for another size (then the head is resized with it, embedding_rules).
   MaxText's olmo3 configs set `logits_via_embedding: false`, so a tied checkpoint is refused.
 """
 
@@ -42,7 +43,7 @@ from model_maps.common import (
 ATTENTION_PATTERN = ("sliding_attention", "sliding_attention", "sliding_attention", "full_attention")
 
 
-def olmo3_map(config: dict) -> ModelMap:
+def olmo3_map(config: dict, vocab_size: int | None = None) -> ModelMap:
     require_quant_method(config, "olmo3")
     d = Dims.from_config(config)
     if d.tied:
@@ -61,7 +62,7 @@ def olmo3_map(config: dict) -> ModelMap:
     return ModelMap(
         family="olmo3",
         num_layers=d.layers,
-        global_rules=tuple(embedding_rules(d)),
+        global_rules=tuple(embedding_rules(d, vocab_size)),
         layer_rules=(),
         known_extras=common_extras(d),
         layer_groups=(group,),

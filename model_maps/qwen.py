@@ -30,7 +30,7 @@ from model_maps.common import (
 )
 
 
-def qwen_map(config: dict, variant: str) -> ModelMap:
+def qwen_map(config: dict, variant: str, vocab_size: int | None = None) -> ModelMap:
     """`variant` is the family chosen ('qwen2' or 'qwen3'), not config.json's model_type, so a
     wrong --model fails plan validation instead of silently converting with the wrong rules."""
     require_quant_method(config, variant)
@@ -42,13 +42,13 @@ def qwen_map(config: dict, variant: str) -> ModelMap:
     return ModelMap(
         family=variant,
         num_layers=d.layers,
-        global_rules=tuple(embedding_rules(d)),
+        global_rules=tuple(embedding_rules(d, vocab_size)),
         layer_rules=tuple(rules),
         known_extras=common_extras(d),
     )
 
 
-def qwen3_moe_map(config: dict) -> ModelMap:
+def qwen3_moe_map(config: dict, vocab_size: int | None = None) -> ModelMap:
     require_quant_method(config, "qwen3_moe")
     d = Dims.from_config(config)
     # Qwen's config.json says num_experts; transformers 5 writes num_local_experts (MaxText reads either).
@@ -70,7 +70,7 @@ def qwen3_moe_map(config: dict) -> ModelMap:
     return ModelMap(
         family="qwen3_moe",
         num_layers=d.layers,
-        global_rules=tuple(embedding_rules(d)),
+        global_rules=tuple(embedding_rules(d, vocab_size)),
         layer_rules=tuple(rules),
         known_extras=common_extras(d),
     )

@@ -118,7 +118,7 @@ def moe_rules(config: dict, d: Dims) -> list[ParamRule]:
     ]
 
 
-def qwen3_next_map(config: dict) -> ModelMap:
+def qwen3_next_map(config: dict, vocab_size: int | None = None) -> ModelMap:
     require_quant_method(config, "qwen3_next")
     d = Dims.from_config(config)
     n = layer_cycle(config, d.layers)
@@ -139,7 +139,7 @@ def qwen3_next_map(config: dict) -> ModelMap:
     return ModelMap(
         family="qwen3_next",
         num_layers=d.layers,
-        global_rules=tuple(embedding_rules(d)),
+        global_rules=tuple(embedding_rules(d, vocab_size)),
         layer_rules=(),
         known_extras=common_extras(d) + ("mtp.*",),
         layer_groups=(group,),

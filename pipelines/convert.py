@@ -35,11 +35,12 @@ def make_plan(opts: ConvertOptions, byte_source: ByteSource | None = None) -> tu
     """The plan and the provenance record of this conversion, from headers only."""
     source = load_source_model(byte_source or open_source(opts.source))
     family = model_maps.detect_family(source.config, opts.model)
-    model_map = family.build(source.config, use_multimodal=opts.use_multimodal)
+    model_map = family.build(source.config, use_multimodal=opts.use_multimodal, vocab_size=opts.vocab_size)
     plan = build_plan(
         source, model_map, opts.scan_layers, opts.save_dtype, opts.max_item_bytes, shard_count=opts.shard_count,
         only=parse_only(opts.only),
     )  # fmt: skip
+    plan.vocab = model_maps.vocab_summary(family, opts.model, model_map)
     layout = {
         "scan_layers": opts.scan_layers,
         "save_dtype": opts.save_dtype,
@@ -54,6 +55,8 @@ def make_plan(opts: ConvertOptions, byte_source: ByteSource | None = None) -> tu
         layout["shard_count"] = opts.shard_count  # decides chunk shapes; only when set, as above
     if plan.only:
         layout["only"] = list(plan.only)  # a partial checkpoint; only when set, as above
+    if opts.vocab_size is not None:
+        layout["vocab_size"] = opts.vocab_size  # decides the embedding's rows; only when set, as above
     return plan, provenance_record(source, family.name, model_maps.MAP_VERSION, layout)
 
 
@@ -123,6 +126,35 @@ def _partial_note(summary: dict, template: str) -> str:
     return template.format(f"partial checkpoint: only params matching --only {','.join(summary['only'])}")
 
 
+def _vocab_lines(vocab: dict) -> list[str]:
+    """The embedding's rows when they are not config.json's, and the vocab_size MaxText must be
+    run with when it is not MaxText's default (its model config's vocab_size must be overridden)."""
+    if not vocab:
+        return []
+    rows, hf = vocab["vocab_size"], vocab["hf_vocab_size"]
+    lines = []
+    if rows > hf:
+        lines.append(f"  vocab_size      {rows} (config.json: {hf}; rows {hf}..{rows - 1} zero-padded)")
+    elif rows < hf:
+        lines.append(
+            f"  vocab_size      {rows} (config.json: {hf}; TRUNCATED: rows {rows}..{hf - 1} dropped, "
+            f"token ids >= {rows} have no embedding)"
+        )
+    if vocab["run_with_vocab_size"]:
+        default = vocab["maxtext_vocab_size"]
+        why = f"{vocab['maxtext_vocab_of']} says {default}" if default else f"rows differ from config.json's {hf}"
+        lines.append(f"  MaxText needs   vocab_size={rows} override_model_config=true ({why})")
+    return lines
+
+
+def _maxtext_vocab_args(summary: dict) -> str:
+    """' vocab_size=N override_model_config=true' when MaxText must be told the rows, else ''."""
+    vocab = summary.get("vocab") or {}
+    if not vocab.get("run_with_vocab_size"):
+        return ""
+    return f" vocab_size={vocab['vocab_size']} override_model_config=true"
+
+
 def format_summary(summary: dict) -> str:
     hb = human_bytes
     return "\n".join(
@@ -133,6 +165,7 @@ def format_summary(summary: dict) -> str:
             f"{summary['largest_item']}; budget {hb(summary['max_item_bytes'])})",
             f"  bytes read      {hb(summary['bytes_read'])}",
             f"  bytes written   {hb(summary['bytes_written'])} (before compression)",
+            *_vocab_lines(summary.get("vocab") or {}),
         ]
     )
 
@@ -250,7 +283,7 @@ def run(argv: list[str] | None = None, convert_fn: type[ConvertWorkItem] = Conve
         f"ckptbeam: converted {_param_count(summary)} params ({summary['bytes_written'] / 1e6:.2f} MB) in "
         f"{elapsed:.2f} s, {summary['mb_per_s']:.1f} MB/s{_partial_note(summary, _PARTIAL_LINE)}\n"
         f"  output          {summary['output']}\n"
-        f"  MaxText         load_parameters_path={summary['output']}",
+        f"  MaxText         load_parameters_path={summary['output']}{_maxtext_vocab_args(summary)}",
         flush=True,
     )
     return summary

@@ -43,6 +43,17 @@ def parse_shard_count(text: str) -> int:
     return value
 
 
+def parse_vocab_size(text: str) -> int:
+    """--vocab_size: MaxText's vocab_size, a whole number of embedding rows, at least 1."""
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of vocabulary rows >= 1, got {text!r}")
+    return value
+
+
 def parse_only(text: str | None) -> tuple[str, ...]:
     """--only 'a*,b*' -> ('a*', 'b*'); unset or empty -> () (convert everything)."""
     return tuple(p.strip() for p in str(text or "").split(",") if p.strip())
@@ -115,6 +126,14 @@ class ConvertOptions(PipelineOptions):
             "axis N divides (Orbax's replica-parallel save), else whole. 1 (default): one chunk per array (within "
             "--max_item_bytes); 16 reproduces the layout of MaxText's to_maxtext default "
             "(--simulated_cpu_devices_count=16)",
+        )
+        parser.add_argument(
+            "--vocab_size",
+            type=parse_vocab_size,
+            default=None,
+            help="MaxText's vocab_size: zero-pad or truncate the embedding (and an untied logits_dense) to N rows; "
+            "MaxText must then be run with vocab_size=N (the summary says when). Default: MaxText's size for the "
+            "official Gemma2/Gemma3 vocabularies (256128, 262144), else config.json's vocab_size",
         )
         parser.add_argument(
             "--max_item_bytes",

@@ -17,7 +17,7 @@ from ckpt_transforms.safetensors_io.index import INDEX_FILE, SINGLE_FILE, load_s
 from ckpt_transforms.safetensors_io.synthetic import synthetic_source
 from ckpt_transforms.storage.sources import open_source
 from pipelines.convert import format_summary, human_bytes
-from pipelines.options import parse_bytes, parse_only, parse_shard_count, str2bool
+from pipelines.options import parse_bytes, parse_only, parse_shard_count, parse_vocab_size, str2bool
 
 # Per-worker conversion rate measured on a 2-vCPU machine (README, Performance); override it with
 # what `benchmarks/bench_convert.py` measures on your worker type.
@@ -45,19 +45,23 @@ def make_plan(
     use_multimodal: bool = False,
     shard_count: int = 1,
     only: tuple[str, ...] = (),
+    vocab_size: int | None = None,
 ) -> tuple[Plan, bool]:
     """(plan, synthesized?) for a model directory/URI or a bare config.json."""
     config_path = _config_only(source)
     if config_path:
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
-        model_map = model_maps.detect_family(config, model).build(config, use_multimodal=use_multimodal)
+        family = model_maps.detect_family(config, model)
+        model_map = family.build(config, use_multimodal=use_multimodal, vocab_size=vocab_size)
         model_source = synthetic_source(config, model_map, config_path, scan_layers)
-        return build_plan(model_source, model_map, scan_layers, save_dtype, budget, shard_count, only), True
-    model_source = load_source_model(open_source(source))
-    family = model_maps.detect_family(model_source.config, model)
-    model_map = family.build(model_source.config, use_multimodal=use_multimodal)
-    return build_plan(model_source, model_map, scan_layers, save_dtype, budget, shard_count, only), False
+    else:
+        model_source = load_source_model(open_source(source))
+        family = model_maps.detect_family(model_source.config, model)
+        model_map = family.build(model_source.config, use_multimodal=use_multimodal, vocab_size=vocab_size)
+    plan = build_plan(model_source, model_map, scan_layers, save_dtype, budget, shard_count, only)
+    plan.vocab = model_maps.vocab_summary(family, model, model_map)
+    return plan, bool(config_path)
 
 
 def estimate_seconds(plan: Plan, workers: int, worker_mb_s: float) -> float:
@@ -78,6 +82,9 @@ def plan_command(argv: list[str]) -> int:
     parser.add_argument("--use_multimodal", type=str2bool, default=False)
     parser.add_argument("--shard_count", type=parse_shard_count, default=1, help="as for ckptbeam convert")
     parser.add_argument("--only", default=None, help="as for ckptbeam convert: plan only matching params")
+    parser.add_argument(
+        "--vocab_size", type=parse_vocab_size, default=None, help="as for ckptbeam convert: embedding rows (MaxText's)"
+    )
     parser.add_argument("--workers", type=int, default=1, help="workers (one work item each at a time)")
     parser.add_argument("--worker_mb_s", type=float, default=DEFAULT_WORKER_MB_S, help="MB/s one worker converts")
     args = parser.parse_args(argv)
@@ -90,6 +97,7 @@ def plan_command(argv: list[str]) -> int:
         args.use_multimodal,
         args.shard_count,
         parse_only(args.only),
+        args.vocab_size,
     )
     summary = plan.summary()
     origin = "headers synthesized from config.json" if synthesized else "real safetensors headers"

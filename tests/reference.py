@@ -133,9 +133,41 @@ def _kernel(w: np.ndarray, *shape: int) -> np.ndarray:
 
 
 def expected_leaves(
-    model_dir: str, scan_layers: bool, save_dtype: str = "bfloat16", use_multimodal: bool = False
+    model_dir: str,
+    scan_layers: bool,
+    save_dtype: str = "bfloat16",
+    use_multimodal: bool = False,
+    vocab_size: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Dotted Orbax leaf name -> expected array (without `step`)."""
+    """Dotted Orbax leaf name -> expected array (without `step`); `vocab_size` as MaxText's option."""
+    leaves = _expected_leaves(model_dir, scan_layers, save_dtype, use_multimodal)
+    return leaves if vocab_size is None else with_vocab_rows(leaves, vocab_size)
+
+
+def _fit(x: np.ndarray, n: int, axis: int) -> np.ndarray:
+    """The first n entries of `axis`, zeros past the end of x."""
+    shape = list(x.shape)
+    shape[axis] = n
+    out = np.zeros(shape, x.dtype)
+    keep = min(n, x.shape[axis])
+    index = tuple(slice(0, keep) if a == axis else slice(None) for a in range(x.ndim))
+    out[index] = x[index]
+    return out
+
+
+def with_vocab_rows(leaves: dict[str, np.ndarray], vocab_size: int) -> dict[str, np.ndarray]:
+    """MaxText run with `vocab_size=N`: its embedding is [N, emb] (pad_embedding_layer /
+    pad_and_scale_embedding: HF rows, then zeros; or the first N rows) and an untied
+    logits_dense [emb, N] (the same vocabulary columns). The Gemma scalings commute with this
+    (padding rows are zero), so resizing the default expectation gives the same arrays."""
+    out = dict(leaves)
+    for name, axis in (("params.params.token_embedder.embedding", 0), ("params.params.decoder.logits_dense.kernel", 1)):
+        if name in out:
+            out[name] = _fit(out[name], vocab_size, axis)
+    return out
+
+
+def _expected_leaves(model_dir: str, scan_layers: bool, save_dtype: str, use_multimodal: bool) -> dict[str, np.ndarray]:
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
     t = dequantized_state(model_dir, cfg)

@@ -119,6 +119,9 @@ class Plan:
     # --only: the patterns that selected `arrays`, and how many params the whole model has.
     only: tuple[str, ...] = ()
     params_total: int | None = None
+    # What the summary says about the embedding's rows (model_maps.vocab_summary; set by the
+    # commands, which know the family and --model; empty: nothing to say).
+    vocab: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         largest = max(self.items, key=item_working_bytes) if self.items else None
@@ -136,6 +139,7 @@ class Plan:
             "largest_item": largest.param if largest else None,
             "max_item_bytes": self.max_item_bytes,
             "unused_source_keys": len(self.unused_source_keys),
+            "vocab": dict(self.vocab),
         }
 
 

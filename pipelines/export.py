@@ -38,6 +38,7 @@ from pipelines.progress import ProgressMonitor
 
 log = logging.getLogger("ckptbeam")
 STAGING_INFIX = ".ckptbeam-tmp-"
+EMBEDDING = "params.params.token_embedder.embedding"
 
 
 def export_config(config: dict, weight_dtype: str) -> dict:
@@ -64,6 +65,13 @@ def config_bytes(source: bytes, config: dict, exported: dict) -> bytes:
 
 def _has_vision(checkpoint: Checkpoint) -> bool:
     return any(".vision_encoder." in name for name in checkpoint.leaves)
+
+
+def _embedding_rows(checkpoint: Checkpoint) -> int | None:
+    """MaxText's vocabulary as the checkpoint holds it (it may be padded or cut relative to the
+    HF config's; the map's inverse then resizes back to the config's vocab_size)."""
+    leaf = checkpoint.leaves.get(EMBEDDING)
+    return leaf.shape[0] if leaf is not None and leaf.shape else None
 
 
 def resolve_scan_layers(requested: bool | None, checkpoint: Checkpoint, model_map) -> bool:
@@ -112,7 +120,9 @@ def make_export_plan(args) -> tuple[ExportPlan, Checkpoint, dict[str, bytes], di
     config = parse_config(side[CONFIG], args.hf_config or checkpoint.items_dir)
     family = model_maps.detect_family(config, args.model)
     unquantized = {k: v for k, v in config.items() if k != "quantization_config"}
-    model_map = family.build(unquantized, use_multimodal=_has_vision(checkpoint) or None)
+    model_map = family.build(
+        unquantized, use_multimodal=_has_vision(checkpoint) or None, vocab_size=_embedding_rows(checkpoint)
+    )
     scan = resolve_scan_layers(args.scan_layers, checkpoint, model_map)
     plan = build_export_plan(
         checkpoint, model_map, scan, args.weight_dtype, args.max_item_bytes, args.max_shard_size,

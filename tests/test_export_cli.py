@@ -192,3 +192,25 @@ def test_shards_and_index_when_the_model_is_over_the_shard_size(ckpt, tmp_path):
         tensors.update(part)
     assert sum(v.nbytes for v in tensors.values()) == index["metadata"]["total_size"]
     assert sorted(tensors) == sorted(index["weight_map"])
+
+
+@pytest.mark.parametrize("fixture,rows", [("llama_bf16", 300), ("qwen3_bf16_tied", 200), ("gemma3_mm_bf16", 256)])
+def test_a_resized_vocabulary_exports_back_to_the_configs(fixture, rows, tmp_path):
+    """--vocab_size pads (or cuts) MaxText's embedding; export resizes back to config.json's
+    vocab_size: padded rows dropped, cut rows zero (they are gone)."""
+    source = os.path.join(FIXTURES, fixture)
+    plain, resized = str(tmp_path / "plain"), str(tmp_path / "resized")
+    convert(source, plain)
+    convert(source, resized, f"--vocab_size={rows}")
+    _export(plain, str(tmp_path / "hf_plain"))
+    _export(resized, str(tmp_path / "hf_resized"))
+    a = read_tensors(os.path.join(tmp_path, "hf_plain", "model.safetensors"))
+    b = read_tensors(os.path.join(tmp_path, "hf_resized", "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for key, value in a.items():
+        if "embed_tokens" in key or key == "lm_head.weight":
+            keep = min(rows, value.shape[0])
+            assert_bitwise_equal(b[key][:keep], value[:keep], key)
+            assert not b[key][keep:].any()
+        else:
+            assert_bitwise_equal(b[key], value, key)

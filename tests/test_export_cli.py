@@ -214,3 +214,14 @@ def test_a_resized_vocabulary_exports_back_to_the_configs(fixture, rows, tmp_pat
             assert not b[key][keep:].any()
         else:
             assert_bitwise_equal(b[key], value, key)
+
+
+@pytest.mark.parametrize("use_ocdbt,use_zarr3", [(False, False), (False, True), (True, False)])
+def test_pathways_and_mixed_layouts_export_like_ocdbt_zarr3(use_ocdbt, use_zarr3, tmp_path):
+    source = os.path.join(FIXTURES, "qwen3_moe_bf16")
+    convert(source, str(tmp_path / "default"))
+    convert(source, str(tmp_path / "other"), f"--use_ocdbt={str(use_ocdbt).lower()}", f"--use_zarr3={str(use_zarr3).lower()}")
+    _export(str(tmp_path / "default"), str(tmp_path / "hf_default"), "--max_item_bytes=16KiB")
+    _export(str(tmp_path / "other"), str(tmp_path / "hf_other"), "--max_item_bytes=16KiB")
+    a = _snapshot(str(tmp_path / "hf_default"))["model.safetensors"]
+    assert _snapshot(str(tmp_path / "hf_other"))["model.safetensors"] == a

@@ -220,7 +220,12 @@ def test_a_resized_vocabulary_exports_back_to_the_configs(fixture, rows, tmp_pat
 def test_pathways_and_mixed_layouts_export_like_ocdbt_zarr3(use_ocdbt, use_zarr3, tmp_path):
     source = os.path.join(FIXTURES, "qwen3_moe_bf16")
     convert(source, str(tmp_path / "default"))
-    convert(source, str(tmp_path / "other"), f"--use_ocdbt={str(use_ocdbt).lower()}", f"--use_zarr3={str(use_zarr3).lower()}")
+    convert(
+        source,
+        str(tmp_path / "other"),
+        f"--use_ocdbt={str(use_ocdbt).lower()}",
+        f"--use_zarr3={str(use_zarr3).lower()}",
+    )
     _export(str(tmp_path / "default"), str(tmp_path / "hf_default"), "--max_item_bytes=16KiB")
     _export(str(tmp_path / "other"), str(tmp_path / "hf_other"), "--max_item_bytes=16KiB")
     a = _snapshot(str(tmp_path / "hf_default"))["model.safetensors"]

@@ -209,3 +209,21 @@ def test_sizes_missing_from_model_info_come_from_a_head_request(hf):
     name = "model-00004-of-00004.safetensors"
     assert source.size(name) == os.path.getsize(os.path.join(SHARDED, name))
     assert [(s.method, s.filename) for s in hf.log] == [("HEAD", name)]
+
+
+def test_export_takes_config_generation_config_and_tokenizer_from_a_hub_repo(hf, tmp_path):
+    """--hf_config hf://ORG/REPO fetches only the small side files, never the weights."""
+    from pipelines.export import run as export
+
+    extra = {"generation_config.json": b'{"max_length": 17}', "tokenizer_config.json": b'{"model_max_length": 8}'}
+    hf.add_repo("acme/side", SINGLE, extra_files=extra)
+    ckpt = str(tmp_path / "ckpt")
+    convert(SINGLE, ckpt)
+    hf.reset_log()
+    out = str(tmp_path / "hf")
+    export(["--source", ckpt, "--output", out, "--hf_config", "hf://acme/side"])
+    for name, data in extra.items():
+        with open(os.path.join(out, name), "rb") as f:
+            assert f.read() == data
+    fetched = {s.filename for s in hf.file_gets()}
+    assert fetched and not any(f.endswith(".safetensors") for f in fetched)

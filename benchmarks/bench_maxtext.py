@@ -151,7 +151,8 @@ def maxtext_command(peer_python: str, maxtext_src: str, src: str, out: str, laye
 
 def compare_checkpoints(ours: str, theirs: str) -> tuple[bool, str]:
     """Same leaf names, shapes and dtypes, and the same bytes in every leaf."""
-    from ckpt_transforms.orbax_io.inspect import inspect_checkpoint, open_leaf, resolve_items_dir
+    from ckpt_transforms.orbax_io.inspect import inspect_checkpoint
+    from ckpt_transforms.orbax_io.reader import open_leaf, resolve_items_dir
 
     a_leaves, _ = inspect_checkpoint(ours)
     b_leaves, _ = inspect_checkpoint(theirs)
@@ -166,8 +167,8 @@ def compare_checkpoints(ours: str, theirs: str) -> tuple[bool, str]:
     for name in sorted(a):
         if (a[name].shape, a[name].dtype) != (b[name].shape, b[name].dtype):
             return False, f"{name}: {a[name].shape} {a[name].dtype} vs MaxText {b[name].shape} {b[name].dtype}"
-        x = open_leaf(a_dir, name).read().result()
-        y = open_leaf(b_dir, name).read().result()
+        x = open_leaf(a_dir, name, True, True).read().result()
+        y = open_leaf(b_dir, name, True, True).read().result()
         if x.tobytes() != y.tobytes():
             return False, f"{name}: values differ"
     return True, f"{len(a)} leaves, all bytes equal"

@@ -99,15 +99,29 @@ def canonical_name(disk_name: str) -> str | None:
     return _LIST_INDEX.sub(lambda m: f".{m.group(1)}_{m.group(2)}", name)
 
 
-def _tree_leaves(meta: dict) -> list[str]:
-    """On-disk names of the arrays `_METADATA` lists (dotted tree paths), skipping empty nodes."""
-    names = []
+def tree_leaves(meta: dict) -> list[tuple[str, str]]:
+    """(on-disk name, Orbax value type) of the arrays `_METADATA` lists (dotted tree paths),
+    skipping empty nodes (an empty `opt_state`)."""
+    leaves = []
     for entry in meta.get("tree_metadata", {}).values():
         value = entry.get("value_metadata", {})
         if value.get("skip_deserialize") or value.get("value_type") in ("Dict", "List", "None"):
             continue
-        names.append(".".join(str(k["key"]) for k in entry["key_metadata"]))
-    return names
+        leaves.append((".".join(str(k["key"]) for k in entry["key_metadata"]), str(value.get("value_type"))))
+    return leaves
+
+
+def read_tree_metadata(items_dir: str) -> dict:
+    meta = _read_json(outdir.join(items_dir, METADATA_FILE), METADATA_FILE)
+    if meta is None:
+        raise CheckpointError(f"{items_dir}: no {METADATA_FILE}")
+    return meta
+
+
+def chunk_shape(store: ts.TensorStore) -> tuple[int, ...]:
+    """The stored chunk (for zarr3 the shard, i.e. the chunk_grid) of an opened array."""
+    chunk = store.chunk_layout.write_chunk.shape
+    return tuple(int(c) for c in chunk) if chunk is not None else tuple(store.shape)
 
 
 def kvstore(items_dir: str, disk_name: str, use_ocdbt: bool) -> dict:
@@ -142,11 +156,6 @@ def open_leaf(
         raise CheckpointError(f"{items_dir}: cannot open array {disk_name!r} ({e})") from None
 
 
-def _chunk_shape(store: ts.TensorStore) -> tuple[int, ...]:
-    chunk = store.chunk_layout.write_chunk.shape
-    return tuple(int(c) for c in chunk) if chunk is not None else tuple(store.shape)
-
-
 def _read_json(path: str, what: str) -> dict | None:
     text = outdir.read_text(path)
     if text is None:
@@ -178,9 +187,7 @@ def fingerprint(items_dir: str) -> dict:
 def load_checkpoint(path: str, context: ts.Context | None = None) -> Checkpoint:
     """Open a checkpoint's metadata: every parameter leaf's shape, dtype and chunk shape."""
     items_dir = resolve_items_dir(path)
-    meta = _read_json(outdir.join(items_dir, METADATA_FILE), METADATA_FILE)
-    if meta is None:
-        raise CheckpointError(f"{items_dir}: no {METADATA_FILE}")
+    meta = read_tree_metadata(items_dir)
     if not outdir.file_exists(outdir.join(items_dir, COMMIT_FILE)) and outdir.is_gcs(items_dir):
         raise CheckpointError(f"{items_dir}: no {COMMIT_FILE}: the checkpoint was never committed")
     use_ocdbt, use_zarr3 = bool(meta.get("use_ocdbt", True)), bool(meta.get("use_zarr3", True))
@@ -188,7 +195,7 @@ def load_checkpoint(path: str, context: ts.Context | None = None) -> Checkpoint:
         raise CheckpointError(f"{items_dir}: _METADATA says OCDBT but there is no manifest.ocdbt (not merged?)")
     context = context or read_context()
     leaves: dict[str, LeafMeta] = {}
-    for disk_name in _tree_leaves(meta):
+    for disk_name, _ in tree_leaves(meta):
         name = canonical_name(disk_name)
         if name is None:
             continue
@@ -198,7 +205,7 @@ def load_checkpoint(path: str, context: ts.Context | None = None) -> Checkpoint:
             )
         store = open_leaf(items_dir, disk_name, use_ocdbt, use_zarr3, context)
         leaves[name] = LeafMeta(
-            name, disk_name, tuple(store.shape), np.dtype(store.dtype.numpy_dtype).name, _chunk_shape(store)
+            name, disk_name, tuple(store.shape), np.dtype(store.dtype.numpy_dtype).name, chunk_shape(store)
         )
     if not leaves:
         raise CheckpointError(f"{items_dir}: {METADATA_FILE} lists no model parameters")

@@ -255,7 +255,9 @@ def check_config_against_headers(config: dict, tensors: dict[str, TensorInfo], w
     names show are left to the planner (it names the missing tensor)."""
     keys = list(tensors)
     scopes = [("", config)]
-    scopes += [(f"{sub}.", config[sub]) for sub in ("text_config", "vision_config") if isinstance(config.get(sub), dict)]
+    scopes += [
+        (f"{sub}.", config[sub]) for sub in ("text_config", "vision_config") if isinstance(config.get(sub), dict)
+    ]
     for fields, pattern, what in ((LAYER_FIELDS, _LAYER_INDEX, "layers"), (EXPERT_FIELDS, _EXPERT_INDEX, "experts")):
         present = _indices_present(keys, pattern)
         for prefix, scope in scopes:

@@ -203,7 +203,10 @@ def test_json_field_mutations_give_the_described_tensors_or_our_error(mutations,
 
 # --------------------------------------------------------------------------- index files
 
-SHARDS = {"model-1.safetensors": valid_shard(1, "model.layers.0"), "model-2.safetensors": valid_shard(2, "model.layers.1")}
+SHARDS = {
+    "model-1.safetensors": valid_shard(1, "model.layers.0"),
+    "model-2.safetensors": valid_shard(2, "model.layers.1"),
+}
 WEIGHT_MAP = {k: name for name, data in SHARDS.items() for k in reference_tensors(data)}
 INDEX = {"metadata": {"total_size": 0}, "weight_map": WEIGHT_MAP}
 CONFIG = json.dumps({"model_type": "llama", "num_hidden_layers": 2}).encode()

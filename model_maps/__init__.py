@@ -328,6 +328,12 @@ def detect_family(config: dict, model: str | None = None) -> Family:
         return fam
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
+    if not isinstance(model_type, str | None) or not (
+        isinstance(archs, list) and all(isinstance(a, str) for a in archs)
+    ):
+        raise ConfigError(
+            f"config.json: model_type {model_type!r} / architectures {archs!r}; expected a string and a list of strings"
+        )
     for fam in FAMILIES:
         if model_type in fam.model_types or any(a in fam.architectures for a in archs):
             return fam

@@ -27,7 +27,57 @@ LAYER = "model.layers.{layer}"
 
 
 class ConfigError(ValueError):
-    """config.json lacks a field the family map needs (message names the field)."""
+    """config.json lacks a field the family map needs, or holds a value out of range (message
+    names the field and what was expected)."""
+
+
+# Ranges a size in config.json must fall in (several times the largest released model's value),
+# checked before a map builds anything proportional to it. The README's Safety section lists them.
+MAX_LAYERS = 4096
+MAX_EXPERTS = 4096
+MAX_HEADS = 4096
+MAX_WIDTH = 2**20  # hidden, intermediate, head_dim, LoRA ranks, conv kernels, ...
+MAX_VOCAB = 2**24
+_REQUIRED = object()
+
+
+def config_int(
+    config: dict,
+    name: str,
+    hi: int,
+    lo: int = 1,
+    default: object = _REQUIRED,
+    where: str = "config.json",
+) -> int:
+    """config[name] as an int in [lo, hi]; a bool, float, string, list or out-of-range value is a
+    ConfigError naming the field. Missing or null gives `default` (ConfigError if there is none);
+    `default` is returned as is, so callers may derive it from other validated fields."""
+    value = config.get(name) if isinstance(config, dict) else None
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"{where} has no {name!r} (expected an integer in [{lo}, {hi}])")
+        return default  # type: ignore[return-value]
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"{where}: {name} is {value!r}; expected an integer in [{lo}, {hi}]")
+    return value
+
+
+def config_bool(config: dict, name: str, default: bool = False, where: str = "config.json") -> bool:
+    """config[name] as a bool (missing or null: `default`); "false" or 0 is a ConfigError."""
+    value = config.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {name} is {value!r}; expected true or false")
+    return value
+
+
+def config_list(config: dict, name: str, where: str = "config.json") -> list | None:
+    """config[name] as a list, or None when missing/null; any other type is a ConfigError."""
+    value = config.get(name)
+    if value is not None and not isinstance(value, list):
+        raise ConfigError(f"{where}: {name} is {value!r}; expected a list")
+    return value
 
 
 @dataclass(frozen=True)
@@ -44,22 +94,25 @@ class Dims:
     tied: bool
 
     @classmethod
-    def from_config(cls, config: dict) -> Dims:
-        def need(name: str) -> int:
-            if name not in config or config[name] is None:
-                raise ConfigError(f"config.json has no {name!r}")
-            return int(config[name])
-
-        hidden, heads = need("hidden_size"), need("num_attention_heads")
+    def from_config(cls, config: dict, where: str = "config.json") -> Dims:
+        """Every size type- and range-checked (see `config_int`); `where` names a nested config
+        (e.g. "config.json text_config") in messages."""
+        hidden = config_int(config, "hidden_size", MAX_WIDTH, where=where)
+        heads = config_int(config, "num_attention_heads", MAX_HEADS, where=where)
+        kv_heads = config_int(config, "num_key_value_heads", heads, default=heads, where=where)
+        if heads % kv_heads:
+            raise ConfigError(
+                f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            )
         return cls(
             hidden=hidden,
             heads=heads,
-            kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
-            mlp=need("intermediate_size"),
-            vocab=need("vocab_size"),
-            layers=need("num_hidden_layers"),
-            tied=bool(config.get("tie_word_embeddings", False)),
+            kv_heads=kv_heads,
+            head_dim=config_int(config, "head_dim", MAX_WIDTH, default=max(1, hidden // heads), where=where),
+            mlp=config_int(config, "intermediate_size", MAX_WIDTH, where=where),
+            vocab=config_int(config, "vocab_size", MAX_VOCAB, where=where),
+            layers=config_int(config, "num_hidden_layers", MAX_LAYERS, where=where),
+            tied=config_bool(config, "tie_word_embeddings", False, where=where),
         )
 
 
@@ -198,7 +251,10 @@ def quantization_config(config: dict) -> dict:
 
 def quant_method(config: dict) -> str | None:
     """quantization_config.quant_method, or None for an unquantized checkpoint."""
-    return quantization_config(config).get("quant_method")
+    method = quantization_config(config).get("quant_method")
+    if method is not None and not isinstance(method, str):
+        raise ConfigError(f"config.json: quantization_config.quant_method is {method!r}; expected a string")
+    return method
 
 
 def require_quant_method(config: dict, family: str, supported: tuple[str, ...] = ()) -> str | None:
@@ -217,9 +273,11 @@ def fp8_block_size(config: dict) -> tuple[int, int]:
     if fmt != "e4m3":
         raise ConfigError(f"quantization_config.fmt {fmt!r} is not supported (only e4m3 FP8 weights)")
     block = q.get("weight_block_size")
-    if not (isinstance(block, list | tuple) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+    ok = isinstance(block, list) and len(block) == 2
+    if not (ok and all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= MAX_WIDTH for b in block)):
         raise ConfigError(
-            f"quantization_config.weight_block_size is {block!r}; need [rows, cols] (per-tensor FP8 is not supported)"
+            f"quantization_config.weight_block_size is {block!r}; need [rows, cols], integers in [1, {MAX_WIDTH}] "
+            "(per-tensor FP8 is not supported)"
         )
     return (block[0], block[1])
 
@@ -228,6 +286,10 @@ def not_converted(config: dict, hf_key: str) -> bool:
     """quantization_config.modules_to_not_convert lists the module of `hf_key` (glob patterns)."""
     module = hf_key.removesuffix(".weight")
     patterns = quantization_config(config).get("modules_to_not_convert") or []
+    if not (isinstance(patterns, list) and all(isinstance(p, str) for p in patterns)):
+        raise ConfigError(
+            f"config.json: quantization_config.modules_to_not_convert is {patterns!r}; expected a list of strings"
+        )
     return any(fnmatch.fnmatchcase(module, p) or fnmatch.fnmatchcase(module, p + ".*") for p in patterns)
 
 
@@ -277,9 +339,10 @@ def sub_config(config: dict, name: str) -> dict:
 
 def check_layer_types(config: dict, pattern: tuple[str, ...], family: str, layers: int) -> None:
     """config.json's layer_types, when present, must follow MaxText's fixed attention pattern."""
-    types = config.get("layer_types")
-    expected = [pattern[i % len(pattern)] for i in range(layers)]
-    if types is not None and list(types) != expected:
+    types = config_list(config, "layer_types")
+    if types is not None and (len(types) != layers or types != [pattern[i % len(pattern)] for i in range(layers)]):
+        shown = repr(types) if len(types) <= 64 else f"[{len(types)} entries]"
         raise ConfigError(
-            f"layer_types {list(types)!r} is not the repeating {'/'.join(pattern)} pattern MaxText's {family} decoder uses"
+            f"layer_types {shown} is not the repeating {'/'.join(pattern)} pattern of {layers} layers "
+            f"MaxText's {family} decoder uses"
         )

@@ -44,9 +44,15 @@ from ckpt_transforms.planning.specs import LayerGroup, ModelMap, ParamRule
 from model_maps.common import (
     KERNEL,
     LAYER,
+    MAX_EXPERTS,
+    MAX_HEADS,
+    MAX_LAYERS,
+    MAX_WIDTH,
     ConfigError,
     Dims,
     common_extras,
+    config_int,
+    config_list,
     embedding_rules,
     expert_rules,
     fp8_block_size,
@@ -100,24 +106,22 @@ class MlaDims:
 
     @classmethod
     def from_config(cls, config: dict, indexer: bool) -> MlaDims:
-        def need(name: str) -> int:
-            if config.get(name) is None:
-                raise ConfigError(f"config.json has no {name!r}")
-            return int(config[name])
+        def need(name: str, hi: int = MAX_WIDTH, lo: int = 1) -> int:
+            return config_int(config, name, hi, lo)
 
         return cls(
             hidden=need("hidden_size"),
-            heads=need("num_attention_heads"),
-            q_lora_rank=int(config.get("q_lora_rank") or 0),
+            heads=need("num_attention_heads", MAX_HEADS),
+            q_lora_rank=config_int(config, "q_lora_rank", MAX_WIDTH, lo=0, default=0),
             kv_lora_rank=need("kv_lora_rank"),
             qk_nope=need("qk_nope_head_dim"),
             qk_rope=need("qk_rope_head_dim"),
             v_head=need("v_head_dim"),
-            experts=need("n_routed_experts"),
-            shared_experts=need("n_shared_experts"),
+            experts=need("n_routed_experts", MAX_EXPERTS),
+            shared_experts=need("n_shared_experts", MAX_EXPERTS, lo=0),
             moe_mlp=need("moe_intermediate_size"),
-            dense_layers=need("first_k_dense_replace"),
-            index_heads=need("index_n_heads") if indexer else 0,
+            dense_layers=need("first_k_dense_replace", MAX_LAYERS, lo=0),
+            index_heads=need("index_n_heads", MAX_HEADS) if indexer else 0,
             index_head_dim=need("index_head_dim") if indexer else 0,
         )
 
@@ -172,10 +176,10 @@ def _check_layer_layout(config: dict, dense: int, layers: int) -> None:
             f"first_k_dense_replace={dense} with num_hidden_layers={layers}: MaxText's deepseek "
             "decoder needs at least one dense and one MoE layer"
         )
-    if int(config.get("moe_layer_freq") or 1) != 1:
+    if config_int(config, "moe_layer_freq", MAX_LAYERS, default=1) != 1:
         raise ConfigError("moe_layer_freq != 1 interleaves dense and MoE layers; MaxText's deepseek decoder does not")
-    kinds = config.get("mlp_layer_types")
-    if kinds is not None and list(kinds) != ["dense"] * dense + ["sparse"] * (layers - dense):
+    kinds = config_list(config, "mlp_layer_types")
+    if kinds is not None and kinds != ["dense"] * dense + ["sparse"] * (layers - dense):
         raise ConfigError("mlp_layer_types is not first_k_dense_replace dense layers followed by sparse ones")
 
 
@@ -209,7 +213,7 @@ def deepseek_map(config: dict, variant: str, vocab_size: int | None = None) -> M
     global_rules = embedding_rules(d, vocab_size)
     if method == "fp8":
         global_rules = rounded_like_dequantize_scripts(global_rules)
-    mtp = int(config.get("num_nextn_predict_layers") or 0)
+    mtp = config_int(config, "num_nextn_predict_layers", MAX_LAYERS, lo=0, default=0)
     return ModelMap(
         family=variant,
         num_layers=d.layers,

@@ -54,11 +54,16 @@ from ckpt_transforms.planning.specs import LayerGroup, ModelMap, ParamRule
 from ckpt_transforms.tensors.ops import ScaleBy, SplitAxis, Transpose
 from model_maps.common import (
     KERNEL,
+    MAX_HEADS,
+    MAX_LAYERS,
+    MAX_WIDTH,
     NORM_PLUS_ONE,
     ConfigError,
     Dims,
     attention_rules,
     check_layer_types,
+    config_bool,
+    config_int,
     gated_mlp_rules,
     heads_bias,
     heads_kernel,
@@ -130,7 +135,17 @@ def text_rules(d: Dims) -> list[ParamRule]:
 
 def vision_rules(vision: dict, text_hidden: int) -> list[ParamRule]:
     v = {**VISION_DEFAULTS, **{k: val for k, val in vision.items() if val is not None}}
-    width, mlp, heads, patch = v["hidden_size"], v["intermediate_size"], v["num_attention_heads"], v["patch_size"]
+    where = "config.json vision_config"
+    width, mlp = (
+        config_int(v, "hidden_size", MAX_WIDTH, where=where),
+        config_int(v, "intermediate_size", MAX_WIDTH, where=where),
+    )
+    heads, patch = (
+        config_int(v, "num_attention_heads", MAX_HEADS, where=where),
+        config_int(v, "patch_size", MAX_WIDTH, where=where),
+    )
+    for name, hi in (("image_size", MAX_WIDTH), ("num_channels", MAX_WIDTH), ("num_hidden_layers", MAX_LAYERS)):
+        config_int(v, name, hi, where=where)
     if width % heads or v["image_size"] % patch:
         raise ConfigError("vision_config: hidden_size must divide by num_attention_heads, image_size by patch_size")
     head_dim, positions = width // heads, (v["image_size"] // patch) ** 2
@@ -187,8 +202,8 @@ def gemma3_map(config: dict, use_multimodal: bool | None = None, vocab_size: int
     text = {**TEXT_DEFAULTS, **{k: v for k, v in text.items() if v is not None}}
     if use_multimodal and "vision_config" not in config:
         raise ConfigError("--use_multimodal needs a Gemma3ForConditionalGeneration checkpoint (vision_config)")
-    d = Dims.from_config(text)
-    if not config.get("tie_word_embeddings", d.tied):
+    d = Dims.from_config(text, "config.json text_config" if "text_config" in config else "config.json")
+    if not config_bool(config, "tie_word_embeddings", d.tied):
         raise ConfigError("tie_word_embeddings is false, but MaxText's gemma3 uses the embedding as its output head")
     check_layer_types(text, ATTENTION_PATTERN, "gemma3", d.layers)
     normalizer = float(ml_dtypes.bfloat16(d.hidden**0.5))

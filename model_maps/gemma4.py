@@ -68,9 +68,17 @@ from ckpt_transforms.planning.specs import LayerGroup, ModelMap, ParamRule
 from ckpt_transforms.tensors.ops import ScaleBy, SliceAxis, Transpose
 from model_maps.common import (
     KERNEL,
+    MAX_EXPERTS,
+    MAX_HEADS,
+    MAX_LAYERS,
+    MAX_VOCAB,
+    MAX_WIDTH,
     ConfigError,
     Dims,
     check_layer_types,
+    config_bool,
+    config_int,
+    config_list,
     gated_mlp_rules,
     heads_kernel,
     out_kernel,
@@ -104,15 +112,36 @@ def _text_config(config: dict) -> dict:
 def global_attention(text: dict, d: Dims, layer_types: list[str]) -> Attn:
     """Head dim and KV heads of the full-attention layers, from either config.json spelling."""
     full = [i for i, t in enumerate(layer_types) if t == "full_attention"]
-    overrides = {int(k): v for k, v in (text.get("per_layer_config") or {}).items()}
+    overrides = per_layer_overrides(text, d.layers)
     if overrides:
         per = [overrides.get(i, {}) for i in full]
-        if any(p != per[0] for p in per) or any(int(k) not in full for k in overrides):
+        if any(p != per[0] for p in per) or any(k not in full for k in overrides):
             raise ConfigError("per_layer_config overrides differ between layers; MaxText has one global layer shape")
         o = per[0] if per else {}
-        return Attn(d.heads, int(o.get("num_key_value_heads") or d.kv_heads), int(o.get("head_dim") or d.head_dim))
-    kv = text.get("num_global_key_value_heads") if text.get("attention_k_eq_v") else None
-    return Attn(d.heads, int(kv or d.kv_heads), int(text.get("global_head_dim") or 512))
+        where = "config.json per_layer_config"
+        kv = config_int(o, "num_key_value_heads", d.heads, default=d.kv_heads, where=where)
+        return Attn(d.heads, kv, config_int(o, "head_dim", MAX_WIDTH, default=d.head_dim, where=where))
+    kv = (
+        config_int(text, "num_global_key_value_heads", d.heads, default=d.kv_heads)
+        if text.get("attention_k_eq_v")
+        else d.kv_heads
+    )
+    return Attn(d.heads, kv, config_int(text, "global_head_dim", MAX_WIDTH, default=512))
+
+
+def per_layer_overrides(text: dict, layers: int) -> dict[int, dict]:
+    """per_layer_config as {layer index: overrides}; keys must be layer numbers, values objects."""
+    raw = text.get("per_layer_config") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config.json: per_layer_config is {raw!r}; expected an object")
+    out = {}
+    for k, v in raw.items():
+        if not (k.isdigit() and int(k) < layers and isinstance(v, dict)):
+            raise ConfigError(
+                f"config.json: per_layer_config[{k!r}] is not a layer number below {layers} with an object of overrides"
+            )
+        out[int(k)] = v
+    return out
 
 
 def attention_rules(a: Attn, hidden: int, with_kv: bool = True, with_value: bool = True) -> list[ParamRule]:
@@ -146,7 +175,8 @@ def norm_rules(hidden: int) -> list[ParamRule]:
 
 
 def moe_rules(text: dict, d: Dims) -> list[ParamRule]:
-    e, m = int(text["num_experts"]), int(text.get("moe_intermediate_size") or 0)
+    e = config_int(text, "num_experts", MAX_EXPERTS)
+    m = config_int(text, "moe_intermediate_size", MAX_WIDTH, lo=0, default=0)
     if not m:
         raise ConfigError("config.json has no 'moe_intermediate_size' for its experts")
     b, hf = "mlp/moe_block", HF_LAYER
@@ -171,15 +201,13 @@ def moe_rules(text: dict, d: Dims) -> list[ParamRule]:
 
 
 def vision_rules(vision: dict, text_hidden: int) -> list[ParamRule]:
-    def need(name: str) -> int:
-        if vision.get(name) is None:
-            raise ConfigError(f"config.json's vision_config has no {name!r}")
-        return int(vision[name])
+    def need(name: str, hi: int = MAX_WIDTH) -> int:
+        return config_int(vision, name, hi, where="config.json vision_config")
 
     w, mlp, heads, patch = (
         need("hidden_size"),
         need("intermediate_size"),
-        need("num_attention_heads"),
+        need("num_attention_heads", MAX_HEADS),
         need("patch_size"),
     )
     if not vision.get("standardize"):
@@ -210,7 +238,7 @@ def vision_rules(vision: dict, text_hidden: int) -> list[ParamRule]:
             KERNEL,
         ),
     ]
-    for i in range(need("num_hidden_layers")):
+    for i in range(need("num_hidden_layers", MAX_LAYERS)):
         t, hf = f"{ve}/layer_{i}", f"{VISION}.encoder.layers.{i}"
         rules += [
             ParamRule(f"{t}/attention/{n}/kernel", f"{hf}.self_attn.{p}_proj.linear.weight", (w, w), heads_kernel(hd))
@@ -238,8 +266,8 @@ def vision_rules(vision: dict, text_hidden: int) -> list[ParamRule]:
 
 def small_layer_groups(text: dict, d: Dims, local: Attn, glob: Attn, types: list[str]) -> tuple[LayerGroup, ...]:
     """E2B / E4B: unscanned; KV-shared layers (the last num_kv_shared_layers) in a second group."""
-    ple = int(text.get("hidden_size_per_layer_input") or 0)
-    shared_from = d.layers - int(text.get("num_kv_shared_layers") or 0)
+    ple = config_int(text, "hidden_size_per_layer_input", MAX_WIDTH, lo=0, default=0)
+    shared_from = d.layers - config_int(text, "num_kv_shared_layers", d.layers, lo=0, default=0)
     if "full_attention" not in types:
         raise ConfigError(
             "layer_types has no full_attention layer; MaxText's gemma4_small pattern ends each period with one"
@@ -286,10 +314,10 @@ def small_layer_groups(text: dict, d: Dims, local: Attn, glob: Attn, types: list
 def gemma4_map(config: dict, use_multimodal: bool = False, vocab_size: int | None = None) -> ModelMap:
     require_quant_method(config, "gemma4")
     text = _text_config(config)
-    d = Dims.from_config(text)
-    if not config.get("tie_word_embeddings", d.tied):
+    d = Dims.from_config(text, "config.json text_config" if text is not config else "config.json")
+    if not config_bool(config, "tie_word_embeddings", d.tied):
         raise ConfigError("tie_word_embeddings is false, but MaxText's gemma4 uses the embedding as its output head")
-    types = list(text.get("layer_types") or [BLOCK[i % len(BLOCK)] for i in range(d.layers)])
+    types = config_list(text, "layer_types") or [BLOCK[i % len(BLOCK)] for i in range(d.layers)]
     small = bool(text.get("hidden_size_per_layer_input")) or bool(text.get("num_kv_shared_layers"))
     if not small:
         check_layer_types(text, BLOCK, "gemma4", d.layers)
@@ -305,10 +333,10 @@ def gemma4_map(config: dict, use_multimodal: bool = False, vocab_size: int | Non
             raise ConfigError(
                 "MaxText converts Gemma4 E2B/E4B text-only (its gemma4_small vision mapping is unfinished)"
             )
-        ple = int(text.get("hidden_size_per_layer_input") or 0)
+        ple = config_int(text, "hidden_size_per_layer_input", MAX_WIDTH, lo=0, default=0)
         if ple:
             p = "decoder/per_layer_embedder"
-            vocab_ple = int(text.get("vocab_size_per_layer_input") or d.vocab)
+            vocab_ple = config_int(text, "vocab_size_per_layer_input", MAX_VOCAB, default=d.vocab)
             global_rules += [
                 ParamRule(
                     f"{p}/embed_tokens_per_layer", f"{TEXT}.embed_tokens_per_layer.weight", (vocab_ple, d.layers * ple)
@@ -326,7 +354,7 @@ def gemma4_map(config: dict, use_multimodal: bool = False, vocab_size: int | Non
         k_eq_v = bool(text.get("attention_k_eq_v"))
         mlp = (
             moe_rules(text, d)
-            if int(text.get("num_experts") or 1) > 1
+            if config_int(text, "num_experts", MAX_EXPERTS, default=1) > 1
             else gated_mlp_rules("mlp", f"{HF_LAYER}.mlp", d.mlp, d.hidden)
         )
         positions = tuple(

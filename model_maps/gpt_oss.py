@@ -30,10 +30,13 @@ from ckpt_transforms.tensors.quant import MXFP4_GROUP
 from model_maps.common import (
     KERNEL,
     LAYER,
+    MAX_EXPERTS,
     ConfigError,
     Dims,
     attention_rules,
     common_extras,
+    config_int,
+    config_list,
     embedding_rules,
     layer_norm_rules,
     require_quant_method,
@@ -48,10 +51,10 @@ EXPERTS_TO_HF = (Transpose((0, 2, 1)),)  # [experts, out, in] -> [experts, in, o
 def layer_cycle(config: dict, layers: int) -> int:
     n = len(ATTENTION_PATTERN)
     expected = [ATTENTION_PATTERN[i % n] for i in range(layers)]
-    types = config.get("layer_types")
-    if types is not None and list(types) != expected:
+    types = config_list(config, "layer_types")
+    if types is not None and types != expected:
         raise ConfigError(
-            f"layer_types {types!r} is not the alternating {'/'.join(ATTENTION_PATTERN)} cycle MaxText's gpt_oss decoder uses"
+            f"layer_types {types[:64]!r} is not the alternating {'/'.join(ATTENTION_PATTERN)} cycle MaxText's gpt_oss decoder uses"
         )
     return n
 
@@ -75,7 +78,12 @@ def gpt_oss_map(config: dict, vocab_size: int | None = None) -> ModelMap:
     d = Dims.from_config(config)
     if not config.get("num_local_experts"):
         raise ConfigError("config.json has no 'num_local_experts' (not a GPT-OSS checkpoint?)")
-    e, a, hf, t = int(config["num_local_experts"]), f"{LAYER}.self_attn", f"{LAYER}.mlp", "GptOssMlp"
+    e, a, hf, t = (
+        config_int(config, "num_local_experts", MAX_EXPERTS),
+        f"{LAYER}.self_attn",
+        f"{LAYER}.mlp",
+        "GptOssMlp",
+    )
     rules = layer_norm_rules(d) + attention_rules(d, bias=True, prefix="GptOssAttention")
     rules += [
         ParamRule("GptOssAttention/out/bias", f"{a}.o_proj.bias", (d.hidden,)),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ckpt_transforms.planning.specs import ModelMap
 from model_maps.common import (
+    ConfigError,
     Dims,
     attention_rules,
     common_extras,
@@ -22,6 +23,8 @@ from model_maps.common import (
 
 def uses_llama3_rope(config: dict) -> bool:
     rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"config.json: rope_scaling is {rope!r}; expected an object")
     return (rope.get("rope_type") or rope.get("type")) == "llama3"
 
 

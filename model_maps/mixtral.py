@@ -11,10 +11,12 @@ from ckpt_transforms.planning.specs import ModelMap, ParamRule
 from model_maps.common import (
     KERNEL,
     LAYER,
+    MAX_EXPERTS,
     ConfigError,
     Dims,
     attention_rules,
     common_extras,
+    config_int,
     embedding_rules,
     layer_norm_rules,
     require_quant_method,
@@ -26,7 +28,7 @@ def mixtral_map(config: dict, vocab_size: int | None = None) -> ModelMap:
     d = Dims.from_config(config)
     if not config.get("num_local_experts"):
         raise ConfigError("config.json has no 'num_local_experts' (not a Mixtral MoE checkpoint?)")
-    experts = int(config["num_local_experts"])
+    experts = config_int(config, "num_local_experts", MAX_EXPERTS)
     moe = f"{LAYER}.block_sparse_moe"
     rules = attention_rules(d, scale_query=True) + layer_norm_rules(d)
     rules += [

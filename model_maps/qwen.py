@@ -18,10 +18,16 @@ from ckpt_transforms.planning.specs import ModelMap, ParamRule
 from model_maps.common import (
     KERNEL,
     LAYER,
+    MAX_EXPERTS,
+    MAX_LAYERS,
+    MAX_WIDTH,
     ConfigError,
     Dims,
     attention_rules,
     common_extras,
+    config_bool,
+    config_int,
+    config_list,
     dense_mlp_rules,
     embedding_rules,
     expert_rules,
@@ -36,7 +42,7 @@ def qwen_map(config: dict, variant: str, vocab_size: int | None = None) -> Model
     require_quant_method(config, variant)
     d = Dims.from_config(config)
     # Qwen2 attention always has q/k/v biases; Qwen3 has them only if attention_bias is set.
-    bias = variant == "qwen2" or bool(config.get("attention_bias", False))
+    bias = variant == "qwen2" or config_bool(config, "attention_bias")
     rules = attention_rules(d, bias=bias, qk_norm=variant == "qwen3")
     rules += dense_mlp_rules(d) + layer_norm_rules(d)
     return ModelMap(
@@ -52,19 +58,21 @@ def qwen3_moe_map(config: dict, vocab_size: int | None = None) -> ModelMap:
     require_quant_method(config, "qwen3_moe")
     d = Dims.from_config(config)
     # Qwen's config.json says num_experts; transformers 5 writes num_local_experts (MaxText reads either).
-    experts = int(config.get("num_experts") or config.get("num_local_experts") or 0)
+    experts = config_int(config, "num_experts", MAX_EXPERTS, lo=0, default=None)
+    if experts is None:
+        experts = config_int(config, "num_local_experts", MAX_EXPERTS, lo=0, default=0)
     if experts < 2:
         raise ConfigError("config.json has no 'num_experts' > 1 (not a Qwen3-MoE checkpoint?)")
     if not config.get("moe_intermediate_size"):
         raise ConfigError("config.json has no 'moe_intermediate_size'")
-    if config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1)) != 1:
+    if config_list(config, "mlp_only_layers") or config_int(config, "decoder_sparse_step", MAX_LAYERS, default=1) != 1:
         raise ConfigError(
             "mlp_only_layers / decoder_sparse_step make some layers dense; MaxText's qwen3_moe "
             "decoder has an MoE block in every layer"
         )
-    moe_mlp = int(config["moe_intermediate_size"])
+    moe_mlp = config_int(config, "moe_intermediate_size", MAX_WIDTH)
     m = f"{LAYER}.mlp"
-    rules = attention_rules(d, bias=bool(config.get("attention_bias", False)), qk_norm=True) + layer_norm_rules(d)
+    rules = attention_rules(d, bias=config_bool(config, "attention_bias"), qk_norm=True) + layer_norm_rules(d)
     rules.append(ParamRule("moe_block/gate/kernel", f"{m}.gate.weight", (experts, d.hidden), KERNEL))
     rules += expert_rules("moe_block", f"{m}.experts.{{expert}}", experts, moe_mlp, d.hidden)
     return ModelMap(

@@ -40,10 +40,16 @@ from ckpt_transforms.tensors.ops import Transpose
 from model_maps.common import (
     KERNEL,
     LAYER,
+    MAX_EXPERTS,
+    MAX_HEADS,
+    MAX_LAYERS,
+    MAX_WIDTH,
     ConfigError,
     Dims,
     check_layer_types,
     common_extras,
+    config_int,
+    config_list,
     embedding_rules,
     expert_rules,
     gated_mlp_rules,
@@ -55,13 +61,13 @@ from model_maps.common import (
 
 def layer_cycle(config: dict, layers: int) -> int:
     """Length of the linear..., full cycle (MaxText's inhomogeneous_layer_cycle_interval)."""
-    types = config.get("layer_types")
+    types = config_list(config, "layer_types")
     if types:
         if "full_attention" not in types:
             raise ConfigError("layer_types has no full_attention layer; MaxText's qwen3_next needs one per cycle")
-        n = list(types).index("full_attention") + 1
+        n = types.index("full_attention") + 1
     else:
-        n = int(config.get("full_attention_interval") or 4)
+        n = config_int(config, "full_attention_interval", layers, default=4)
     check_layer_types(config, ("linear_attention",) * (n - 1) + ("full_attention",), "qwen3_next", layers)
     return n
 
@@ -81,12 +87,10 @@ def full_attention_rules(d: Dims) -> list[ParamRule]:
 
 
 def linear_attention_rules(config: dict, d: Dims) -> list[ParamRule]:
-    def need(name: str) -> int:
-        if config.get(name) is None:
-            raise ConfigError(f"config.json has no {name!r}")
-        return int(config[name])
+    def need(name: str, hi: int = MAX_WIDTH) -> int:
+        return config_int(config, name, hi)
 
-    k_heads, v_heads = need("linear_num_key_heads"), need("linear_num_value_heads")
+    k_heads, v_heads = need("linear_num_key_heads", MAX_HEADS), need("linear_num_value_heads", MAX_HEADS)
     k_dim, v_dim = k_heads * need("linear_key_head_dim"), v_heads * need("linear_value_head_dim")
     conv_dim, kernel = 2 * k_dim + v_dim, need("linear_conv_kernel_dim")
     a, t = f"{LAYER}.linear_attn", "attention"
@@ -102,13 +106,13 @@ def linear_attention_rules(config: dict, d: Dims) -> list[ParamRule]:
 
 
 def moe_rules(config: dict, d: Dims) -> list[ParamRule]:
-    experts = int(config.get("num_experts") or 0)
+    experts = config_int(config, "num_experts", MAX_EXPERTS, lo=0, default=0)
     if experts < 2 or not config.get("moe_intermediate_size"):
         raise ConfigError("config.json needs num_experts > 1 and moe_intermediate_size (Qwen3-Next MoE)")
-    if config.get("mlp_only_layers") or int(config.get("decoder_sparse_step") or 1) != 1:
+    if config_list(config, "mlp_only_layers") or config_int(config, "decoder_sparse_step", MAX_LAYERS, default=1) != 1:
         raise ConfigError("mlp_only_layers / decoder_sparse_step make some layers dense; MaxText's qwen3_next has none")
-    moe_mlp = int(config["moe_intermediate_size"])
-    shared = int(config.get("shared_expert_intermediate_size") or moe_mlp)
+    moe_mlp = config_int(config, "moe_intermediate_size", MAX_WIDTH)
+    shared = config_int(config, "shared_expert_intermediate_size", MAX_WIDTH, default=moe_mlp)
     m = f"{LAYER}.mlp"
     return [
         ParamRule("mlp/routed_experts/gate/kernel", f"{m}.gate.weight", (experts, d.hidden), KERNEL),

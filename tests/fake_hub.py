@@ -11,6 +11,11 @@ requests without `Authorization: Bearer <token>` get 401.
 Every /resolve/ request is logged (revision in the URL, Range, status, body bytes), so tests can
 count the bytes actually fetched. `fault(method, repo_id, filename, range_start)` may answer a
 /resolve/ request with an HTTP status or "reset" (connection closed without a response).
+
+A misbehaving mirror: with `ignore_range` every GET /resolve/ answers 200 with the whole file plus
+`extra_body_bytes` zeros (streamed, never held in memory), with a Content-Length unless
+`send_length` is false (then the body ends when the connection closes). The log then records the
+bytes the client actually took before it hung up.
 """
 
 from __future__ import annotations
@@ -64,6 +69,9 @@ class FakeHub:
     api_calls: list[str] = field(default_factory=list)
     fault: Fault | None = None
     omit_sizes: bool = False  # model info without file sizes (as a minimal mirror might answer)
+    ignore_range: bool = False
+    extra_body_bytes: int = 0
+    send_length: bool = True
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
@@ -271,6 +279,8 @@ def _make_handler(hub: FakeHub) -> type[http.server.BaseHTTPRequestHandler]:
                 "Accept-Ranges": "bytes",
                 "Content-Type": "application/octet-stream",
             }
+            if hub.ignore_range and self.command == "GET":
+                return self._stream_whole(repo_id, revision, filename, data, headers)
             span = parse_range(self.headers.get("Range"), len(data))
             if span == "bad":
                 self._record(repo_id, revision, filename, 416, 0)
@@ -282,6 +292,31 @@ def _make_handler(hub: FakeHub) -> type[http.server.BaseHTTPRequestHandler]:
                 headers["Content-Range"] = f"bytes {span[0]}-{span[1] - 1}/{len(data)}"
             self._record(repo_id, revision, filename, status, len(body) if self.command == "GET" else 0)
             self._send(status, body, headers)
+
+        def _stream_whole(self, repo_id: str, revision: str, filename: str, data: bytes, headers: dict) -> None:
+            """HTTP 200 with the file and `extra_body_bytes` zeros, 1 MiB at a time, until the client hangs up."""
+            total = len(data) + hub.extra_body_bytes
+            self.send_response(200)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            if hub.send_length:
+                self.send_header("Content-Length", str(total))
+            else:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            sent, zeros = 0, bytes(2**20)
+            try:
+                self.wfile.write(data)
+                sent = len(data)
+                while sent < total:
+                    n = min(len(zeros), total - sent)
+                    self.wfile.write(zeros[:n])
+                    sent += n
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+            self._record(repo_id, revision, filename, 200, sent)
 
         def _record(self, repo_id: str, revision: str, filename: str, status: int, nbytes: int) -> None:
             with hub.lock:

@@ -18,7 +18,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -185,12 +185,73 @@ def with_retries(
 
 
 def check_range(data: bytes, where: str, offset: int, length: int) -> bytes:
+    """The body of a range read must be exactly the `length` bytes asked for."""
     if len(data) != length:
         raise SourceError(
             f"{where}: short read at bytes [{offset}, {offset + length}): got {len(data)} bytes "
             "(object truncated or changed during conversion?)"
         )
     return data
+
+
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+def check_range_headers(status: int, headers, where: str, offset: int, length: int) -> None:
+    """Refuse, before any body is read, an answer that is not the byte range asked for: a server
+    that ignores `Range` (HTTP 200 with the whole file) or sends another range or size.
+
+    `headers` is any case-insensitive mapping (httpx, requests). A 200 is accepted only for a
+    read of the whole file from byte 0 (the body is then capped at `length` by `read_capped`)."""
+    declared = headers.get("Content-Length")
+    encoded = (headers.get("Content-Encoding") or "identity").lower() != "identity"
+    if declared is not None and not (declared.isdigit() or encoded):
+        raise SourceError(f"{where}: the server sent Content-Length {declared!r} (expected a byte count)")
+    if status == 200:
+        if offset != 0 or (declared is not None and not encoded and int(declared) != length):
+            size = f"{declared} bytes" if declared is not None else "a body of unknown size"
+            raise SourceError(
+                f"{where}: the server ignored the byte range request for bytes [{offset}, {offset + length}) "
+                f"(HTTP 200 with {size}; expected HTTP 206 with {length} bytes)"
+            )
+        return
+    if status != 206:
+        raise SourceError(f"{where}: unexpected HTTP {status} for a byte range request (expected 206)")
+    m = _CONTENT_RANGE.match((headers.get("Content-Range") or "").strip())
+    if not m or int(m.group(1)) != offset or int(m.group(2)) > offset + length - 1:
+        raise SourceError(
+            f"{where}: the server answered Content-Range {headers.get('Content-Range')!r} for bytes "
+            f"[{offset}, {offset + length}) (expected 'bytes {offset}-{offset + length - 1}/<size>')"
+        )
+    served = int(m.group(2)) - int(m.group(1)) + 1
+    if declared is not None and not encoded and int(declared) != served:
+        raise SourceError(f"{where}: Content-Length {declared} does not match Content-Range {m.group(0)!r}")
+
+
+class CappedSink:
+    """A write-only file object that refuses more than the `length` bytes asked for, so a server
+    that ignores `Range` is never buffered whole (also what google-cloud-storage downloads into)."""
+
+    def __init__(self, where: str, offset: int, length: int):
+        self.where, self.offset, self.length = where, offset, length
+        self.data = bytearray()
+
+    def write(self, chunk: bytes) -> int:
+        if len(self.data) + len(chunk) > self.length:
+            raise SourceError(
+                f"{self.where}: the server sent more than the {self.length} bytes asked for at bytes "
+                f"[{self.offset}, {self.offset + self.length}) (it ignored the byte range?)"
+            )
+        self.data += chunk
+        return len(chunk)
+
+
+def read_capped(chunks: Iterable[bytes], where: str, offset: int, length: int) -> bytes:
+    """Join a streamed body, refusing it as soon as it exceeds `length` bytes (see CappedSink)."""
+    sink = CappedSink(where, offset, length)
+    for chunk in chunks:
+        sink.write(chunk)
+    return bytes(sink.data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,9 +333,11 @@ class GcsSource:
         blob = self.client.bucket(self.bucket_name).blob(self._key(name))
 
         def download() -> bytes:
-            return blob.download_as_bytes(
-                start=offset, end=offset + length - 1, raw_download=True, checksum=None, retry=None
+            sink = CappedSink(self.where(name), offset, length)
+            blob.download_to_file(
+                sink, start=offset, end=offset + length - 1, raw_download=True, checksum=None, retry=None
             )
+            return bytes(sink.data)
 
         data = with_retries(download, self.where(name), GCS_AUTH_HINT)
         return check_range(data, self.where(name), offset, length)
@@ -412,19 +475,28 @@ class HfSource:
     def _head_size(self, name: str) -> int:
         response = with_retries(lambda: self._get(name, {}, "HEAD"), self.where(name), HF_AUTH_HINT)
         size = response.headers.get("X-Linked-Size") or response.headers.get("Content-Length")
-        if size is None:
-            raise RemoteError(f"{self.where(name)}: the Hub sent no size for this file")
+        if size is None or not size.isdigit():
+            raise RemoteError(f"{self.where(name)}: the Hub sent no valid size for this file ({size!r})")
         return int(size)
+
+    def _get_range(self, name: str, offset: int, length: int) -> bytes:
+        """One ranged GET, streamed: status and headers are checked before the body is read, and
+        the body is never taken beyond `length` bytes."""
+        from huggingface_hub.utils import build_hf_headers, get_session
+
+        where = self.where(name)
+        headers = build_hf_headers(headers={"Range": f"bytes={offset}-{offset + length - 1}"})
+        with get_session().stream("GET", self._url(name), headers=headers, timeout=HTTP_TIMEOUT_S) as response:
+            if response.status_code >= 400:
+                raise HttpStatusError(response.status_code, response.headers.get("X-Error-Message", ""))
+            check_range_headers(response.status_code, response.headers, where, offset, length)
+            return read_capped(response.iter_bytes(), where, offset, length)
 
     def read_range(self, name: str, offset: int, length: int) -> bytes:
         if length == 0:
             return b""
         where = self.where(name)
-        headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
-        response = with_retries(lambda: self._get(name, headers), where, HF_AUTH_HINT)
-        data = response.content
-        if response.status_code == 200 and not (offset == 0 and len(data) == length):
-            raise RemoteError(f"{where}: the server ignored the byte range request (HTTP 200 with the whole file)")
+        data = with_retries(lambda: self._get_range(name, offset, length), where, HF_AUTH_HINT)
         return check_range(data, where, offset, length)
 
 

@@ -46,6 +46,8 @@ class Op:
         raise NotImplementedError
 
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Planning calls this with shapes from config.json: every op overrides it with
+        arithmetic (this fallback builds an array of that shape)."""
         return tuple(self.apply(np.empty(shape, np.uint8)).shape)
 
     def map_axis(self, axis: int, ndim: int) -> int | None:
@@ -149,6 +151,11 @@ class MergeAxes(Op):
         ax = self.axis % (x.ndim - n + 1) if self.axis < 0 else self.axis
         return x.reshape(x.shape[:ax] + (-1,) + x.shape[ax + n :])
 
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        n = len(self.sizes)
+        ax = self.axis % (len(shape) - n + 1) if self.axis < 0 else self.axis
+        return tuple(shape[:ax]) + (math.prod(shape[ax : ax + n]),) + tuple(shape[ax + n :])
+
     def inverse(self) -> Op:
         return SplitAxis(self.axis, self.sizes)
 
@@ -185,6 +192,9 @@ class RopeInterleave(Op):
         out[..., 0::2], out[..., 1::2] = b[..., :half], b[..., half:]
         return out.view(x.dtype)
 
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape)  # without building an array: shapes come from untrusted config.json
+
     def inverse(self) -> Op:
         return RopeHalves()
 
@@ -202,6 +212,9 @@ class RopeHalves(Op):
         out = _same_layout(b)
         out[..., :half], out[..., half:] = b[..., 0::2], b[..., 1::2]
         return out.view(x.dtype)
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape)
 
     def inverse(self) -> Op:
         return RopeInterleave()
@@ -413,6 +426,10 @@ class PutEvery(Op):
         index[ax] = slice(self.start, None, self.step)
         out[tuple(index)] = x
         return out
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        ax = self.axis % len(shape)
+        return tuple(shape[:ax]) + (shape[ax] * self.step,) + tuple(shape[ax + 1 :])
 
     def inverse(self) -> Op:
         return TakeEvery(self.axis, self.start, self.step)

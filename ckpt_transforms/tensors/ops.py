@@ -159,10 +159,6 @@ class MergeAxes(Op):
     def inverse(self) -> Op:
         return SplitAxis(self.axis, self.sizes)
 
-    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        n = len(self.sizes)
-        ax = self.axis % (len(shape) - n + 1) if self.axis < 0 else self.axis
-        return shape[:ax] + (math.prod(shape[ax : ax + n]),) + shape[ax + n :]
 
     def map_axis(self, axis: int, ndim: int) -> int | None:
         n = len(self.sizes)
@@ -434,9 +430,6 @@ class PutEvery(Op):
     def inverse(self) -> Op:
         return TakeEvery(self.axis, self.start, self.step)
 
-    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        ax = self.axis % len(shape)
-        return shape[:ax] + (shape[ax] * self.step,) + shape[ax + 1 :]
 
     def map_axis(self, axis: int, ndim: int) -> int | None:
         return None if axis == self.axis % ndim else axis

@@ -19,9 +19,9 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 import model_maps
 from ckpt_transforms.orbax_io import writer as orbax_writer
 from ckpt_transforms.planning.convert_plan import Plan, build_plan, item_working_bytes
-from ckpt_transforms.safetensors_io.index import load_source_model
+from ckpt_transforms.safetensors_io.index import SourceModel, load_source_model
 from ckpt_transforms.storage import outdir
-from ckpt_transforms.storage.hf_side_files import keep_with_checkpoint, read_side_files
+from ckpt_transforms.storage.hf_side_files import CONFIG, keep_with_checkpoint, read_side_files
 from ckpt_transforms.storage.provenance import PROVENANCE_FILE, differences, provenance_record
 from ckpt_transforms.storage.sources import ByteSource, open_source
 from pipelines.graph import METRICS_NAMESPACE, ConvertWorkItem, build_pipeline
@@ -31,9 +31,12 @@ from pipelines.progress import ProgressMonitor
 log = logging.getLogger("ckptbeam")
 
 
-def make_plan(opts: ConvertOptions, byte_source: ByteSource | None = None) -> tuple[Plan, dict]:
-    """The plan and the provenance record of this conversion, from headers only."""
-    source = load_source_model(byte_source or open_source(opts.source))
+def make_plan(
+    opts: ConvertOptions, byte_source: ByteSource | None = None, model: SourceModel | None = None
+) -> tuple[Plan, dict]:
+    """The plan and the provenance record of this conversion, from headers only (`model`: the
+    source's headers, if already read)."""
+    source = model or load_source_model(byte_source or open_source(opts.source))
     family = model_maps.detect_family(source.config, opts.model)
     model_map = family.build(source.config, use_multimodal=opts.use_multimodal, vocab_size=opts.vocab_size)
     plan = build_plan(
@@ -226,7 +229,8 @@ def run(argv: list[str] | None = None, convert_fn: type[ConvertWorkItem] = Conve
     orbax_writer.reset_shared_context()
     started = time.time()
     source = open_source(opts.source)  # hf://: resolves the revision to one commit, here, once
-    plan, provenance = make_plan(opts, source)
+    model = load_source_model(source)
+    plan, provenance = make_plan(opts, source, model)
     summary = plan.summary()
     print(f"ckptbeam plan for {source.uri}:\n{format_summary(summary)}", flush=True)
     if plan.unused_source_keys:
@@ -247,7 +251,7 @@ def run(argv: list[str] | None = None, convert_fn: type[ConvertWorkItem] = Conve
     try:
         # config, generation config and tokenizer go with the checkpoint, so `export` can
         # rebuild a complete HF model directory from it alone.
-        keep_with_checkpoint(staging, read_side_files(source))
+        keep_with_checkpoint(staging, read_side_files(source, {CONFIG: model.config_bytes}))
         with ProgressMonitor(outdir.join(staging, "items"), len(plan.items), summary["bytes_written"]):
             p = beam.Pipeline(options=options)
             # Workers open the pinned URI (hf://org/repo@<commit>), so all read the same files.

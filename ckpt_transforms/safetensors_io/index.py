@@ -219,20 +219,27 @@ class SourceModel:
     tensors: dict[str, TensorInfo]
     files: list[str]
     file_fingerprints: dict[str, dict]
+    config_bytes: bytes = b""  # config.json as read (kept with the checkpoint byte for byte)
 
 
 def read_json(source: ByteSource, name: str, max_bytes: int = MAX_CONFIG_BYTES) -> dict:
     """A small JSON object file (config.json, the index): size-capped before it is read."""
+    return read_json_with_bytes(source, name, max_bytes)[0]
+
+
+def read_json_with_bytes(source: ByteSource, name: str, max_bytes: int = MAX_CONFIG_BYTES) -> tuple[dict, bytes]:
+    """`read_json`, and the file's bytes."""
     where = f"{source.uri.rstrip('/')}/{name}"
     if not source.exists(name):
         raise SourceError(f"{where} not found")
     size = checked_size(source, name, where)
     if size > max_bytes:
         raise SourceError(f"{where} is {size} bytes, over the {max_bytes}-byte limit for this file")
-    data = parse_json(source.read_range(name, 0, size), where)
+    raw = source.read_range(name, 0, size)
+    data = parse_json(raw, where)
     if not isinstance(data, dict):
         raise SourceError(f"{where} is not a JSON object")
-    return data
+    return data, raw
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -280,7 +287,7 @@ def check_config_against_headers(config: dict, tensors: dict[str, TensorInfo], w
 def load_source_model(source: ByteSource) -> SourceModel:
     """config.json + the index (or the single file) + all shard headers; no tensor data is read."""
     uri = source.uri.rstrip("/")
-    config = read_json(source, "config.json", MAX_CONFIG_BYTES)
+    config, config_bytes = read_json_with_bytes(source, "config.json", MAX_CONFIG_BYTES)
     if source.exists(INDEX_FILE):
         index = read_json(source, INDEX_FILE, MAX_INDEX_BYTES)
         weight_map = index.get("weight_map")
@@ -313,4 +320,4 @@ def load_source_model(source: ByteSource) -> SourceModel:
             )
     check_config_against_headers(config, tensors, uri)
     fingerprints = {f: source.fingerprint(f) for f in files}
-    return SourceModel(source.uri, config, tensors, files, fingerprints)
+    return SourceModel(source.uri, config, tensors, files, fingerprints, config_bytes)

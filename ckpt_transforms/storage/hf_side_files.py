@@ -32,11 +32,12 @@ KEPT_DIR = "ckptbeam_hf"  # inside the checkpoint's step directory, next to the 
 MAX_SIDE_FILE_BYTES = 64 * 2**20  # tokenizer.json of large vocabularies is ~30 MB
 
 
-def read_side_files(source: ByteSource) -> dict[str, bytes]:
-    """Those of SIDE_FILES the model directory has (config.json must be there)."""
-    files = {}
+def read_side_files(source: ByteSource, known: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    """Those of SIDE_FILES the model directory has (config.json must be there); `known`: files
+    already read (not fetched again)."""
+    files = dict(known or {})
     for name in SIDE_FILES:
-        if not source.exists(name):
+        if name in files or not source.exists(name):
             continue
         size = source.size(name)
         if size > MAX_SIDE_FILE_BYTES:

@@ -159,7 +159,6 @@ class MergeAxes(Op):
     def inverse(self) -> Op:
         return SplitAxis(self.axis, self.sizes)
 
-
     def map_axis(self, axis: int, ndim: int) -> int | None:
         n = len(self.sizes)
         ax = self.axis % (ndim - n + 1) if self.axis < 0 else self.axis
@@ -429,7 +428,6 @@ class PutEvery(Op):
 
     def inverse(self) -> Op:
         return TakeEvery(self.axis, self.start, self.step)
-
 
     def map_axis(self, axis: int, ndim: int) -> int | None:
         return None if axis == self.axis % ndim else axis

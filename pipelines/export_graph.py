@@ -1,8 +1,12 @@
 """The Beam graph of an export: Create(work items) -> Reshuffle -> ExportWorkItem -> Finalize.
 
-Workers write their HF tensors' bytes straight into the pre-sized shards of the staging
-directory; the finalize step checks that every item reported, writes the index, config and
-tokenizer files and the provenance record, and publishes the directory with one rename.
+Workers write their HF tensors' bytes through the shard writer of the output kind
+(`safetensors_io.writer`): locally straight into the pre-sized shards of the staging directory,
+on gs:// as part objects under the staging prefix. The finalize step checks that every item
+reported and publishes: locally it writes the index, config, tokenizer files and the provenance
+record into the staging directory and renames it into place; on gs:// (no rename) it composes
+the parts into the final shard objects at OUT/, then writes the index and side files, and the
+provenance record last: its presence marks a complete export.
 """
 
 from __future__ import annotations
@@ -19,13 +23,17 @@ from apache_beam.metrics import Metrics
 from ckpt_transforms.orbax_io.reader import Checkpoint, CheckpointError, read_context
 from ckpt_transforms.planning.export_plan import ExportItem, ExportPlan
 from ckpt_transforms.safetensors_io.layout import INDEX_FILE, ShardLayout, index_json
-from ckpt_transforms.safetensors_io.writer import LocalShardWriter
+from ckpt_transforms.safetensors_io.writer import check_parts, compose_shards, open_shard_writer
+from ckpt_transforms.storage import outdir
 from ckpt_transforms.work_items.export import LeafCache, run_export_item
 
 log = logging.getLogger("ckptbeam")
 METRICS_NAMESPACE = "ckptbeam"
 DONE_DIR = ".ckptbeam_done"  # one empty file per finished item: progress for the launcher
 EXPORT_PROVENANCE_FILE = "ckptbeam_export.json"
+# gs:// only: written to the staging prefix once the finalize step starts writing at OUT/, so a
+# failed run knows the final objects it has to remove (before it, OUT/ is untouched).
+PUBLISHING_MARK = ".ckptbeam_publishing"
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,7 @@ class ExportWorkItem(beam.DoFn):
     def setup(self) -> None:
         c = self.checkpoint
         self.leaves = LeafCache(c.items_dir, c.use_ocdbt, c.use_zarr3, read_context())
-        self.writer = LocalShardWriter(self.staging_dir)
+        self.writer = open_shard_writer(self.staging_dir)
         self.shard_of = {t.key: s for s in self.shards for t in s.tensors}
 
     def process(self, item: ExportItem):
@@ -56,11 +64,14 @@ class ExportWorkItem(beam.DoFn):
         for attempt in range(1, self.attempts + 1):
             try:
                 written = run_export_item(item, self.leaves, self.shard_of, self.writer)
+                self.writer.end_item()  # gs://: the item's last part is uploaded before it reports
                 break
             except (CheckpointError, MemoryError, OSError) as e:
+                self.writer.discard()
                 # A damaged checkpoint or a full disk fails the same way again.
                 raise RuntimeError(f"export work item {item.item_id} ({item.label}) failed: {e}") from e
             except Exception as e:
+                self.writer.discard()
                 if attempt == self.attempts:
                     raise RuntimeError(
                         f"export work item {item.item_id} ({item.label}) failed after {attempt} attempts: {e}"
@@ -70,7 +81,7 @@ class ExportWorkItem(beam.DoFn):
         self.items_done.inc()
         self.bytes_read.inc(item.bytes_read)
         self.bytes_written.inc(written)
-        open(os.path.join(self.staging_dir, DONE_DIR, str(item.item_id)), "wb").close()
+        mark_done(self.staging_dir, item.item_id)
         log.debug(
             "export item %d/%d done: %s in %.2f s", item.item_id + 1, self.total, item.label, time.time() - started
         )
@@ -101,21 +112,80 @@ class FinalizeExport(beam.DoFn):
             raise RuntimeError(
                 f"{len(missing)} export work item(s) produced no record, e.g. {missing[0]}; not publishing"
             )
+        if outdir.is_gcs(self.output):
+            yield publish_gcs(self.staging_dir, self.output, self.shards, self._files(), self.replace)
+            return
         for shard in self.shards:
             path = os.path.join(self.staging_dir, shard.file)
             if os.path.getsize(path) != shard.size:
                 raise RuntimeError(f"{path} has {os.path.getsize(path)} bytes, planned {shard.size}; not publishing")
-        index = index_json(self.shards)
-        files = dict(self.side_files)
-        if index is not None:
-            files[INDEX_FILE] = index.encode("utf-8")
-        files[EXPORT_PROVENANCE_FILE] = (json.dumps(self.provenance, indent=1, sort_keys=True) + "\n").encode()
-        for name, data in files.items():
+        for name, data in self._files().items():
             with open(os.path.join(self.staging_dir, name), "wb") as f:
                 f.write(data)
                 os.fsync(f.fileno())
         _remove_tree(os.path.join(self.staging_dir, DONE_DIR))
         yield publish_dir(self.staging_dir, self.output, self.replace)
+
+    def _files(self) -> dict[str, bytes]:
+        """Everything besides the shards, in writing order: the provenance record last."""
+        index = index_json(self.shards)
+        files = dict(self.side_files)
+        if index is not None:
+            files[INDEX_FILE] = index.encode("utf-8")
+        files[EXPORT_PROVENANCE_FILE] = (json.dumps(self.provenance, indent=1, sort_keys=True) + "\n").encode()
+        return files
+
+
+def mark_done(staging: str, item_id: int) -> None:
+    """One empty marker per finished item, counted by the launcher's progress line."""
+    if outdir.is_gcs(staging):
+        outdir.write_bytes(outdir.join(staging, DONE_DIR, str(item_id)), b"")
+    else:
+        open(os.path.join(staging, DONE_DIR, str(item_id)), "wb").close()
+
+
+def count_done(staging: str) -> int:
+    """Finished items so far (one listing on gs://)."""
+    try:
+        return len(outdir.list_files(outdir.join(staging, DONE_DIR)))
+    except FileNotFoundError:
+        return 0
+
+
+def published_names(shards: list[ShardLayout], side_files: dict[str, bytes]) -> list[str]:
+    """Every object a gs:// export writes at OUT/, the provenance record first (removal order)."""
+    names = [EXPORT_PROVENANCE_FILE, *sorted(side_files), INDEX_FILE, *(s.file for s in shards)]
+    return list(dict.fromkeys(names))
+
+
+def publish_gcs(staging: str, output: str, shards: list[ShardLayout], files: dict[str, bytes], replace: bool) -> str:
+    """Publish a gs:// export in place: shards, then index and side files, provenance last.
+
+    GCS has no rename. Replacing (`replace`, from --force) deletes the old provenance record
+    first, so from then on OUT/ never looks complete until the new record lands.
+    """
+    started = time.time()
+    parts = check_parts(staging, output, shards)  # before anything at OUT/ is touched
+    if replace:
+        outdir.remove_file(outdir.join(output, EXPORT_PROVENANCE_FILE))
+    outdir.write_bytes(outdir.join(staging, PUBLISHING_MARK), b"")
+    if replace:
+        outdir.remove_tree(output)
+    stats = compose_shards(staging, output, shards, parts)
+    last = EXPORT_PROVENANCE_FILE
+    for name, data in files.items():
+        if name != last:
+            outdir.write_bytes(outdir.join(output, name), data)
+    outdir.write_bytes(outdir.join(output, last), files[last])
+    log.info(
+        "published %s: %d shard(s) from %d part(s) with %d compose call(s) in %.2f s",
+        output, len(shards), stats.parts, stats.compose_calls, time.time() - started,
+    )  # fmt: skip
+    try:
+        outdir.remove_tree(staging)
+    except Exception as e:  # the export is complete; the next run clears leftovers
+        log.warning("could not remove the staging prefix %s: %s", staging, e)
+    return output
 
 
 def _remove_tree(path: str) -> None:

@@ -23,7 +23,17 @@ from apache_beam.metrics import Metrics
 from ckpt_transforms.orbax_io.reader import Checkpoint, CheckpointError, read_context
 from ckpt_transforms.planning.export_plan import ExportItem, ExportPlan
 from ckpt_transforms.safetensors_io.layout import INDEX_FILE, ShardLayout, index_json
-from ckpt_transforms.safetensors_io.writer import check_parts, compose_shards, open_shard_writer
+from ckpt_transforms.safetensors_io.writer import (
+    Scatter,
+    Segment,
+    assemble_segment,
+    check_parts,
+    compose_shards,
+    list_parts,
+    open_shard_writer,
+    plan_segments,
+    segment_bytes,
+)
 from ckpt_transforms.storage import outdir
 from ckpt_transforms.work_items.export import LeafCache, run_export_item
 
@@ -40,6 +50,7 @@ PUBLISHING_MARK = ".ckptbeam_publishing"
 class ExportRecord:
     item_id: int
     bytes_written: int
+    scatter: tuple[Scatter, ...] = ()  # gs://: the item's small runs, for the segment stage
 
 
 class ExportWorkItem(beam.DoFn):
@@ -64,7 +75,7 @@ class ExportWorkItem(beam.DoFn):
         for attempt in range(1, self.attempts + 1):
             try:
                 written = run_export_item(item, self.leaves, self.shard_of, self.writer)
-                self.writer.end_item()  # gs://: the item's last part is uploaded before it reports
+                scatter = self.writer.end_item()  # gs://: everything is uploaded before the item reports
                 break
             except (CheckpointError, MemoryError, OSError) as e:
                 self.writer.discard()
@@ -85,7 +96,7 @@ class ExportWorkItem(beam.DoFn):
         log.debug(
             "export item %d/%d done: %s in %.2f s", item.item_id + 1, self.total, item.label, time.time() - started
         )
-        yield ExportRecord(item.item_id, written)
+        yield ExportRecord(item.item_id, written, tuple(scatter))
 
     def finish_bundle(self) -> None:
         # Durable before the bundle's records are committed.
@@ -106,15 +117,11 @@ class FinalizeExport(beam.DoFn):
         self.side_files, self.provenance, self.replace = side_files, provenance, replace
 
     def process(self, records):
-        done = {r.item_id for r in records}
-        missing = sorted(set(self.item_ids) - done)
-        if missing:
-            raise RuntimeError(
-                f"{len(missing)} export work item(s) produced no record, e.g. {missing[0]}; not publishing"
-            )
         if outdir.is_gcs(self.output):
+            # `records` are the segments' results here; the items were checked by PlanSegments.
             yield publish_gcs(self.staging_dir, self.output, self.shards, self._files(), self.replace)
             return
+        check_records(records, self.item_ids)
         for shard in self.shards:
             path = os.path.join(self.staging_dir, shard.file)
             if os.path.getsize(path) != shard.size:
@@ -134,6 +141,38 @@ class FinalizeExport(beam.DoFn):
             files[INDEX_FILE] = index.encode("utf-8")
         files[EXPORT_PROVENANCE_FILE] = (json.dumps(self.provenance, indent=1, sort_keys=True) + "\n").encode()
         return files
+
+
+def check_records(records: list[ExportRecord], item_ids: list[int]) -> None:
+    missing = sorted(set(item_ids) - {r.item_id for r in records})
+    if missing:
+        raise RuntimeError(f"{len(missing)} export work item(s) produced no record, e.g. {missing[0]}; not publishing")
+
+
+class PlanSegments(beam.DoFn):
+    """gs://: once every item reported, the shard bytes no direct part covers, as segments."""
+
+    def __init__(self, staging_dir: str, plan_items: list[int], shards: list[ShardLayout]):
+        self.staging_dir, self.item_ids, self.shards = staging_dir, plan_items, shards
+
+    def process(self, records):
+        check_records(records, self.item_ids)
+        scatters = [sc for r in records for sc in r.scatter]
+        segments = plan_segments(self.shards, list_parts(self.staging_dir), scatters, segment_bytes())
+        log.info("%d scatter object(s) -> %d segment(s)", len(scatters), len(segments))
+        yield from segments
+
+
+class AssembleSegment(beam.DoFn):
+    """gs://: one segment's bytes gathered from scatter objects, uploaded as a part."""
+
+    def __init__(self, staging_dir: str, output: str):
+        self.staging_dir, self.output = staging_dir, output
+        self.segments = Metrics.counter(METRICS_NAMESPACE, "segments")
+
+    def process(self, segment: Segment):
+        yield assemble_segment(self.staging_dir, self.output, segment)
+        self.segments.inc()
 
 
 def mark_done(staging: str, item_id: int) -> None:
@@ -229,13 +268,15 @@ def build_export_pipeline(
         | "Reshuffle" >> beam.Reshuffle()
         | "ExportWorkItem" >> beam.ParDo(ExportWorkItem(checkpoint, staging, plan.shards, len(plan.items), attempts))
     )
-    return (
-        records
-        | "CollectRecords" >> beam.combiners.ToList()
-        | "FinalizeExport"
-        >> beam.ParDo(
-            FinalizeExport(
-                staging, output, [i.item_id for i in plan.items], plan.shards, side_files, provenance, replace
-            )
+    collected = records | "CollectRecords" >> beam.combiners.ToList()
+    if outdir.is_gcs(output):
+        collected = (
+            collected
+            | "PlanSegments" >> beam.ParDo(PlanSegments(staging, [i.item_id for i in plan.items], plan.shards))
+            | "ReshuffleSegments" >> beam.Reshuffle()
+            | "AssembleSegments" >> beam.ParDo(AssembleSegment(staging, output))
+            | "CollectSegments" >> beam.combiners.ToList()
         )
+    return collected | "FinalizeExport" >> beam.ParDo(
+        FinalizeExport(staging, output, [i.item_id for i in plan.items], plan.shards, side_files, provenance, replace)
     )

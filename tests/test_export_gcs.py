@@ -27,6 +27,12 @@ from pipelines.export_graph import DONE_DIR, EXPORT_PROVENANCE_FILE, count_done
 FIXTURE = "llama_bf16"  # ~350 KiB of bf16 weights: several 100KB shards
 BUCKET = "exports"
 SMALL = ("--max_shard_size=100KB", "--max_item_bytes=16KiB")
+# Chunked as MaxText's to_maxtext saves from several devices: a chunk is a band of the MaxText
+# kernel's first axis, so an export item writes a column band of the HF tensor (many short runs).
+CHUNKED = "--shard_count=4"
+# Small thresholds so one export takes both paths: groups of >= 2 KiB go up as parts, shorter
+# runs through scatter objects and 16 KiB segments.
+DIRECT_BYTES, SEGMENT = 2048, 16384
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +45,8 @@ def gcs(tmp_path_factory):
         "TENSORSTORE_GCS_HTTP_URL": emulator.url,
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test-token",
         "CKPTBEAM_REMOTE_BACKOFF_S": "0.01",
+        shard_writer.DIRECT_PART_ENV: str(DIRECT_BYTES),
+        shard_writer.SEGMENT_ENV: str(SEGMENT),
     }
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
@@ -54,8 +62,8 @@ def gcs(tmp_path_factory):
         source = os.path.join(FIXTURES, FIXTURE)
         emulator.ckpt = f"gs://{BUCKET}/ckpt"
         emulator.local_ckpt = str(tmp_path_factory.mktemp("ckpt") / "ckpt")
-        convert(source, emulator.ckpt)
-        convert(source, emulator.local_ckpt)
+        convert(source, emulator.ckpt, CHUNKED)
+        convert(source, emulator.local_ckpt, CHUNKED)
         emulator.local_hf = str(tmp_path_factory.mktemp("hf") / "hf")
         export(emulator.local_ckpt, emulator.local_hf, *SMALL)
         try:
@@ -158,16 +166,23 @@ def test_gcs_to_gcs_matches_local_export_and_reruns_up_to_date(gcs, proxy, tmp_p
     assert EXPORT_PROVENANCE_FILE in {o.split("/", 1)[1] for o in objects}
     _assert_same_export(gcs.local_hf, _download(gcs, "hf", tmp_path / "hf"))
 
-    # Every part went up once; each header is a part at offset 0; one compose per shard here.
-    parts = _uploads(proxy)
+    # Each header is a part at offset 0; every object went up once; parts are few and large.
+    uploads = _uploads(proxy)
+    assert all(re.search(r"\.ckptbeam-tmp-\d+/(parts|scatter)/[^/]+\.safetensors/\d{20}$", u) for u in uploads)
+    parts = [u for u in uploads if "/parts/" in u]
+    scatter = [u for u in uploads if "/scatter/" in u]
     composes = _composes(proxy)
     shards = [o for o in objects if o.endswith(".safetensors")]
-    assert all(re.search(r"\.ckptbeam-tmp-\d+/parts/[^/]+\.safetensors/\d{20}$", p) for p in parts)
     headers = sorted(p.rsplit("/", 2)[1] for p in parts if p.endswith("/" + "0" * 20))
     assert headers == sorted(s.split("/", 1)[1] for s in shards)
-    assert len(parts) == len(set(parts))
-    assert len(composes) >= len(shards)
-    print(f"\n{len(shards)} shards, {summary['work_items']} items, {len(parts)} parts, {len(composes)} compose calls")
+    assert len(uploads) == len(set(uploads))
+    assert len(parts) > len(shards) and scatter, "both paths (direct parts, scatter + segments) taken"
+    assert len(parts) <= len(shards) + summary["bytes_written"] // DIRECT_BYTES + summary["bytes_written"] // SEGMENT
+    assert len(composes) == len(shards)  # fewer than 33 parts per shard: one compose each
+    print(
+        f"\n{len(shards)} shards, {summary['work_items']} items: {len(scatter)} scatter objects, "
+        f"{len(parts)} parts, {len(composes)} compose calls"
+    )
 
     # Same checkpoint and options: up to date, nothing written.
     proxy.forwarded.clear()
@@ -180,7 +195,7 @@ def test_gcs_to_gcs_matches_local_export_and_reruns_up_to_date(gcs, proxy, tmp_p
 
 def test_existing_gcs_output_needs_force_and_is_replaced_whole(gcs, proxy, tmp_path):
     out = f"gs://{BUCKET}/replace"
-    export(gcs.ckpt, out, "--max_shard_size=100KB")
+    export(gcs.ckpt, out, "--max_shard_size=100KB", "--max_item_bytes=64KiB")
     before = _objects(gcs, "replace")
     with pytest.raises(FileExistsError, match="cannot be replaced atomically: rerun with --force"):
         export(gcs.ckpt, out, *SMALL, "--weight_dtype=float32")
@@ -204,8 +219,8 @@ def test_failing_item_publishes_nothing_and_leaves_no_parts(gcs, proxy):
     shard = "model-00002-of-00004.safetensors"
 
     def fault(method, path, headers, body):
-        # 403 on the data parts of one shard (its header goes up): those items fail for good.
-        m = re.search(r"/parts/([^/]+)/(\d{20})$", _upload_name(method, path, body) or "")
+        # 403 on the data of one shard (its header goes up): the items writing it fail for good.
+        m = re.search(r"/(?:parts|scatter)/([^/]+)/(\d{20})$", _upload_name(method, path, body) or "")
         return 403 if m and m.group(1) == shard and int(m.group(2)) > 0 else None
 
     proxy.body_fault = fault
@@ -213,6 +228,7 @@ def test_failing_item_publishes_nothing_and_leaves_no_parts(gcs, proxy):
         export(gcs.ckpt, f"gs://{BUCKET}/failed", *SMALL)
     message = str(info.value)
     assert f"gs://{BUCKET}/failed.ckptbeam-tmp-" in message and "403" in message, message
+    assert "export work item" in message
     assert proxy.failed
     assert _objects(gcs, "failed") == {}  # neither OUT/ nor the staging prefix
 
@@ -266,33 +282,77 @@ def test_check_tiling_names_gaps_overlaps_and_size():
         check_tiling("gs://b/x", [], 4)
 
 
-def test_part_writer_coalesces_adjacent_runs_and_streams_large_parts(gcs, proxy):
-    """Adjacent runs become one part; a part over the multipart limit goes up as a resumable
-    upload read straight from the views (no join), and arrives intact."""
+def test_part_writer_coalesces_runs_and_streams_large_parts(gcs, proxy):
+    """Adjacent runs become one group; a large group is a part (over the multipart limit: a
+    resumable upload read straight from the views); short strided runs become one scatter
+    object with one progression."""
     import numpy as np
 
     staging = f"gs://{BUCKET}/writer-test"
-    writer = GcsPartWriter(staging)
+    writer = GcsPartWriter(staging, direct_bytes=1024)
     big = np.random.default_rng(0).integers(0, 256, 9 * 2**20 + 123, dtype=np.uint8)
     views = [memoryview(big)[: 5 * 2**20], memoryview(big)[5 * 2**20 :]]
     writer("a.safetensors", 8, views[0])
     writer("a.safetensors", 8 + views[0].nbytes, views[1])  # adjacent: same part
-    writer("a.safetensors", 8 + big.nbytes + 100, memoryview(b"xyz"))  # a gap: a new part
-    writer("b.safetensors", 0, memoryview(b"header"))  # another file: a new part
-    writer.end_item()
-    assert writer.parts_uploaded == 3
+    rows = bytes(range(40))
+    base = 8 + big.nbytes + 100
+    for i in range(10):  # a column band: 10 rows of 4 bytes, 16 apart
+        writer("a.safetensors", base + 16 * i, memoryview(rows)[4 * i : 4 * i + 4])
+    writer.write_part("b.safetensors", 0, memoryview(b"header"))  # a part, however small
+    scatter = writer.end_item()
+    assert writer.parts_uploaded == 2 and writer.scatter_uploaded == 1
+    assert [(sc.file, sc.runs) for sc in scatter] == [("a.safetensors", ((base, 16, 10, 4, 0),))]
     writer("c.safetensors", 0, memoryview(b"dropped"))
-    writer.discard()  # a failed attempt's held-back run is not sent
-    writer.end_item()
+    writer.discard()  # a failed attempt's held-back bytes are not sent
+    assert writer.end_item() == []
     found = shard_writer.list_parts(staging)
     assert {f: [(p.offset, p.size) for p in ps] for f, ps in found.items()} == {
-        "a.safetensors": [(8, big.nbytes), (8 + big.nbytes + 100, 3)],
+        "a.safetensors": [(8, big.nbytes)],
         "b.safetensors": [(0, 6)],
     }
     data = gcs.client.bucket(BUCKET).blob(found["a.safetensors"][0].name).download_as_bytes()
     assert data == big.tobytes()
+
+    # A segment across the band's middle takes the rows (and row parts) inside it.
+    segment = shard_writer.Segment("a.safetensors", base + 18, base + 100, tuple(scatter))
+    with pytest.raises(ShardAssemblyError, match=r"bytes \[\d+, \d+\) were never written"):
+        shard_writer.assemble_segment(staging, "gs://x/out", segment)  # the gaps between rows
+    dense = shard_writer.Segment("a.safetensors", base + 2, base + 18, tuple(scatter))
+    with pytest.raises(ShardAssemblyError, match=rf"bytes \[{base + 4}, {base + 16}\) were never written"):
+        shard_writer.assemble_segment(staging, "gs://x/out", dense)
     outdir.remove_tree(staging)
     assert _objects(gcs, "writer-test") == {}
+
+
+def test_segments_rebuild_strided_rows_exactly(gcs, proxy):
+    """Interleaved column bands from four "items" -> segments cut anywhere -> the exact bytes."""
+    import numpy as np
+
+    from ckpt_transforms.safetensors_io.layout import TensorSpec, shard_layout
+
+    staging, output = f"gs://{BUCKET}/bands.ckptbeam-tmp-1", f"gs://{BUCKET}/bands"
+    rows, cols = 37, 24  # a [37, 24] uint8 tensor; each item writes a 6-column band
+    shard = shard_layout("model.safetensors", [TensorSpec("w", "U8", (rows, cols))])
+    tensor = np.random.default_rng(1).integers(0, 256, (rows, cols), dtype=np.uint8)
+    shard_writer.create_shards(staging, [shard])
+    scatters = []
+    for band in range(4):
+        writer = GcsPartWriter(staging, direct_bytes=1024)
+        block = np.ascontiguousarray(tensor[:, band * 6 : band * 6 + 6])
+        for r in range(rows):
+            writer(shard.file, shard.offsets["w"] + r * cols + band * 6, memoryview(block[r]))
+        scatters += writer.end_item()
+    assert len(scatters) == 4 and all(len(sc.runs) == 1 for sc in scatters)
+    segments = shard_writer.plan_segments([shard], shard_writer.list_parts(staging), scatters, 100)
+    assert [(s.start, s.end) for s in segments][0] == (len(shard.header), len(shard.header) + 100)
+    for segment in segments:
+        shard_writer.assemble_segment(staging, output, segment)
+    parts = shard_writer.check_parts(staging, output, [shard])
+    shard_writer.compose_shards(staging, output, [shard], parts)
+    blob = gcs.client.bucket(BUCKET).blob("bands/model.safetensors")
+    assert blob.download_as_bytes() == shard.header + tensor.tobytes()
+    outdir.remove_tree(staging)
+    outdir.remove_tree(output)
 
 
 def test_progress_counts_done_markers_on_gcs(gcs):
@@ -302,3 +362,27 @@ def test_progress_counts_done_markers_on_gcs(gcs):
         outdir.write_bytes(outdir.join(staging, DONE_DIR, str(i)), b"")
     assert count_done(staging) == 3
     outdir.remove_tree(staging)
+
+
+def test_shard_of_many_parts_is_composed_in_rounds(gcs, proxy):
+    """71 parts: three intermediate composes of <= 32 sources, then one final compose."""
+    from ckpt_transforms.safetensors_io.layout import TensorSpec, shard_layout
+
+    staging, output = f"gs://{BUCKET}/rounds.ckptbeam-tmp-1", f"gs://{BUCKET}/rounds"
+    shard = shard_layout("model.safetensors", [TensorSpec("w", "U8", (70,))])
+    data = bytes(range(70))
+    shard_writer.create_shards(staging, [shard])
+    writer = GcsPartWriter(staging)
+    for i in reversed(range(70)):  # any order: parts are composed by offset
+        writer.write_part(shard.file, shard.offsets["w"] + i, memoryview(data)[i : i + 1])
+    parts = shard_writer.check_parts(staging, output, [shard])
+    stats = shard_writer.compose_shards(staging, output, [shard], parts)
+    assert (stats.parts, stats.compose_calls) == (71, 4)
+    composes = _composes(proxy)
+    assert len(composes) == 4 and composes[-1].startswith(f"/storage/v1/b/{BUCKET}/o/rounds/model.safetensors/")
+    blob = gcs.client.bucket(BUCKET).blob("rounds/model.safetensors")
+    assert blob.download_as_bytes() == shard.header + data
+    intermediates = list(_objects(gcs, "rounds.ckptbeam-tmp-1/compose/"))
+    assert len(intermediates) == 3
+    outdir.remove_tree(staging)
+    outdir.remove_tree(output)

@@ -31,6 +31,11 @@ from ckpt_transforms.safetensors_io.layout import ShardLayout
 from ckpt_transforms.storage import outdir
 
 PARTS_DIR = "parts"
+SCATTER_DIR = "scatter"
+DIRECT_PART_BYTES = 8 * 2**20  # smaller groups of bytes go to scatter objects, not parts
+SEGMENT_BYTES = 64 * 2**20  # parts built from scatter objects
+DIRECT_PART_ENV = "CKPTBEAM_GCS_DIRECT_PART_BYTES"
+SEGMENT_ENV = "CKPTBEAM_GCS_SEGMENT_BYTES"
 COMPOSE_DIR = "compose"
 COMPOSE_MAX_SOURCES = 32  # GCS compose: 1-32 source objects per request
 MAX_PART_BYTES = 64 * 2**20  # a part is closed past this, bounding what a worker holds for upload
@@ -46,8 +51,9 @@ class ShardWriter(Protocol):
 
     def __call__(self, file: str, offset: int, data: memoryview) -> None: ...
 
-    def end_item(self) -> None:
-        """Every byte of the item is written (uploaded) when this returns."""
+    def end_item(self) -> list[Scatter]:
+        """Every byte of the item is written (uploaded) when this returns; the scatter objects
+        it wrote (gs://) go into the item's record."""
 
     def discard(self) -> None:
         """Drop what a failed attempt wrote but did not yet send (its retry writes it again)."""
@@ -64,8 +70,7 @@ def create_shards(directory: str, shards: Sequence[ShardLayout]) -> None:
     if outdir.is_gcs(directory):
         writer = GcsPartWriter(directory)
         for shard in shards:
-            writer(shard.file, 0, memoryview(shard.header))
-            writer.end_item()
+            writer.write_part(shard.file, 0, memoryview(shard.header))
         return
     for shard in shards:
         path = os.path.join(directory, shard.file)
@@ -95,8 +100,8 @@ class LocalShardWriter:
             n = os.pwrite(fd, view, offset)
             view, offset = view[n:], offset + n
 
-    def end_item(self) -> None:
-        pass  # pwrite is synchronous; durability is per bundle (flush)
+    def end_item(self) -> list[Scatter]:
+        return []  # pwrite is synchronous; durability is per bundle (flush)
 
     def discard(self) -> None:
         pass  # nothing is held back
@@ -167,21 +172,50 @@ class _ViewsReader(io.RawIOBase):
         return bytes(out)
 
 
-class GcsPartWriter:
-    """Uploads an item's byte runs as part objects under a gs:// staging prefix.
+@dataclass(frozen=True)
+class Scatter:
+    """Small runs of one item in one shard, uploaded back to back as one object.
 
-    Runs that continue the previous one (same shard, next offset) are held and sent as one part
-    when the chain breaks, the part reaches MAX_PART_BYTES, or the item ends.
+    `runs` are arithmetic progressions `(offset, stride, count, length, data_offset)`: run i is
+    the file bytes [offset + i*stride, +length), stored at data_offset + i*length in the object.
+    A strided box (a column band of an HF tensor) is one progression however many rows it has.
     """
 
-    def __init__(self, staging: str, max_part_bytes: int = MAX_PART_BYTES):
+    file: str
+    name: str  # object name in the bucket
+    runs: tuple[tuple[int, int, int, int, int], ...]
+
+    @property
+    def lo(self) -> int:
+        return min(r[0] for r in self.runs)
+
+    @property
+    def hi(self) -> int:
+        return max(r[0] + (r[2] - 1) * r[1] + r[3] for r in self.runs)
+
+
+class GcsPartWriter:
+    """Uploads an item's bytes under a gs:// staging prefix, as parts or as scatter objects.
+
+    Runs that continue the previous one (same shard, next offset) are held as one group until
+    the chain breaks, the group reaches MAX_PART_BYTES, or the item ends. A group of at least
+    `direct_bytes` becomes a part at its offset. Smaller groups (the rows of a column band are
+    many short runs) would make a part each; they are appended to the item's scatter object for
+    that shard instead, and a later stage (`assemble_segment`) builds parts from them.
+    """
+
+    def __init__(self, staging: str, max_part_bytes: int = MAX_PART_BYTES, direct_bytes: int | None = None):
         self.staging = staging.rstrip("/")
         self.bucket_name, self.prefix = outdir.split_gcs(self.staging)
         self.max_part_bytes = max_part_bytes
+        self.direct_bytes = direct_part_bytes() if direct_bytes is None else direct_bytes
         self._bucket = None
         self._views: list[memoryview] = []
         self._file, self._start, self._end = "", 0, 0
+        self._scatter: dict[str, tuple[list[memoryview], list[list[int]], list[int]]] = {}
+        self._done: list[Scatter] = []
         self.parts_uploaded = 0
+        self.scatter_uploaded = 0
 
     @property
     def bucket(self):
@@ -196,22 +230,51 @@ class GcsPartWriter:
         if self._views and (
             file != self._file or offset != self._end or self._end - self._start >= self.max_part_bytes
         ):
-            self._send()
+            self._close_group()
         if not self._views:
             self._file, self._start, self._end = file, offset, offset
         self._views.append(view)
         self._end += view.nbytes
 
-    def _send(self) -> None:
+    def _close_group(self, direct: bool = False) -> None:
         if not self._views:
             return
+        views, file, start, size = self._views, self._file, self._start, self._end - self._start
+        self._views, self._file, self._start, self._end = [], "", 0, 0
+        if direct or size >= self.direct_bytes:
+            self._upload(part_name(file, start), views, size)
+            self.parts_uploaded += 1
+            return
+        held, runs, total = self._scatter.setdefault(file, ([], [], [0]))
+        last = runs[-1] if runs else None
+        data_offset = total[0]
+        if last and last[3] == size and last[2] == 1 and start >= last[0] + size:
+            last[1], last[2] = start - last[0], 2
+        elif last and last[3] == size and last[2] > 1 and start == last[0] + last[2] * last[1]:
+            last[2] += 1
+        else:
+            runs.append([start, size, 1, size, data_offset])
+        held.extend(views)
+        total[0] += size
+        if total[0] >= self.max_part_bytes:
+            self._send_scatter(file)
+
+    def _send_scatter(self, file: str) -> None:
+        views, runs, total = self._scatter.pop(file)
+        # Named by its first file offset: items write disjoint bytes, so names never collide,
+        # and a retried item rewrites the same object.
+        name = posixpath.join(self.prefix, f"{SCATTER_DIR}/{file}/{runs[0][0]:0{_OFFSET_DIGITS}d}")
+        self._upload(name[len(self.prefix) + 1 :], views, total[0])
+        self.scatter_uploaded += 1
+        self._done.append(Scatter(file, name, tuple(tuple(r) for r in runs)))
+
+    def _upload(self, rel_name: str, views: list[memoryview], size: int) -> None:
         remote = _gcs()
-        key = posixpath.join(self.prefix, part_name(self._file, self._start))
+        key = posixpath.join(self.prefix, rel_name)
         blob = self.bucket.blob(key)
-        views, size = self._views, self._end - self._start
 
         def upload() -> None:
-            # A fresh reader per attempt: a retry sends the part from its first byte.
+            # A fresh reader per attempt: a retry sends the object from its first byte.
             blob.upload_from_file(
                 _ViewsReader(views),
                 size=size,
@@ -221,21 +284,146 @@ class GcsPartWriter:
             )
 
         remote.with_retries(upload, f"gs://{self.bucket_name}/{key}", remote.GCS_AUTH_HINT)
-        self.parts_uploaded += 1
-        self.discard()
 
-    def end_item(self) -> None:
-        self._send()
+    def write_part(self, file: str, offset: int, data: memoryview) -> None:
+        """Upload `data` as the part at `offset`, whatever its size (headers, segments)."""
+        self._close_group()
+        self(file, offset, data)
+        self._close_group(direct=True)
+
+    def end_item(self) -> list[Scatter]:
+        """Upload what the item still holds; returns its scatter objects (for the item's record)."""
+        self._close_group()
+        for file in list(self._scatter):
+            self._send_scatter(file)
+        done, self._done = self._done, []
+        return done
 
     def discard(self) -> None:
         self._views = []
         self._file, self._start, self._end = "", 0, 0
+        self._scatter.clear()
+        self._done = []
 
     def flush(self) -> None:
-        self._send()
+        pass  # end_item sends everything of an item; nothing outlives it
 
     def close(self) -> None:
         self.discard()
+
+
+def direct_part_bytes() -> int:
+    """Groups at least this large become parts directly (env override for tests and tuning)."""
+    return int(os.environ.get(DIRECT_PART_ENV, DIRECT_PART_BYTES))
+
+
+def segment_bytes() -> int:
+    """The size of the parts built from scatter objects (env override for tests and tuning)."""
+    return int(os.environ.get(SEGMENT_ENV, SEGMENT_BYTES))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """File bytes [start, end) of one shard, to be built from the scatter objects that reach in."""
+
+    file: str
+    start: int
+    end: int
+    sources: tuple[Scatter, ...]
+
+
+def plan_segments(
+    shards: Sequence[ShardLayout], parts: dict[str, list[Part]], scatters: Sequence[Scatter], size: int
+) -> list[Segment]:
+    """The bytes of each shard that no direct part covers, cut into segments of at most `size`,
+    each with the scatter objects that overlap it (a gap no scatter covers gets a segment with
+    none: its assembly names the missing bytes)."""
+    by_file: dict[str, list[Scatter]] = {}
+    for sc in scatters:
+        by_file.setdefault(sc.file, []).append(sc)
+    segments = []
+    for shard in shards:
+        mine = sorted(by_file.get(shard.file, []), key=lambda sc: sc.lo)
+        spans = [(sc.lo, sc.hi, sc) for sc in mine]
+        pos, gaps = 0, []
+        for part in parts.get(shard.file, []):
+            if part.offset > pos:
+                gaps.append((pos, part.offset))
+            pos = max(pos, part.offset + part.size)
+        if pos < shard.size:
+            gaps.append((pos, shard.size))
+        for a, b in gaps:
+            for start in range(a, b, size):
+                end = min(b, start + size)
+                sources = tuple(sc for lo, hi, sc in spans if lo < end and hi > start)
+                segments.append(Segment(shard.file, start, end, sources))
+    return segments
+
+
+def assemble_segment(staging: str, output: str, segment: Segment, bucket=None) -> int:
+    """Build a segment's bytes from its scatter objects (one ranged read per progression) and
+    upload them as the part at its offset; every byte must come from exactly one run."""
+    import numpy as np
+
+    remote = _gcs()
+    bucket = bucket or remote._gcs_client().bucket(outdir.split_gcs(staging)[0])
+    a, b = segment.start, segment.end
+    buf = np.zeros(b - a, np.uint8)
+    covered = np.zeros(b - a, np.bool_)
+    where = f"{staging}/{SCATTER_DIR}/{segment.file} (for {output}/{segment.file})"
+
+    def put(dst: int, rows: np.ndarray, stride: int) -> None:
+        n, length = rows.shape
+        view = np.lib.stride_tricks.as_strided(buf[dst:], shape=(n, length), strides=(stride, 1))
+        mask = np.lib.stride_tricks.as_strided(covered[dst:], shape=(n, length), strides=(stride, 1))
+        if mask.any():
+            raise ShardAssemblyError(f"{where}: bytes near {a + dst} are written twice; not publishing")
+        view[...] = rows
+        mask[...] = True
+
+    for sc in segment.sources:
+        blob = bucket.blob(sc.name)
+        for off, stride, count, length, data_offset in sc.runs:
+            # Rows of this progression that reach into [a, b).
+            first = max(0, -(-(a - off - length + 1) // stride))
+            last = min(count, (b - 1 - off) // stride + 1)
+            if first >= last:
+                continue
+            lo, n = data_offset + first * length, (last - first) * length
+            data = remote.with_retries(
+                lambda blob=blob, lo=lo, n=n: blob.download_as_bytes(
+                    start=lo, end=lo + n - 1, raw_download=True, checksum=None, retry=None
+                ),
+                f"gs://{bucket.name}/{sc.name}",
+                remote.GCS_AUTH_HINT,
+            )
+            rows = np.frombuffer(remote.check_range(data, f"gs://{bucket.name}/{sc.name}", lo, n), np.uint8)
+            rows = rows.reshape(last - first, length)
+            for i in range(first, last):
+                row_start = off + i * stride
+                if row_start >= a and row_start + length <= b:
+                    # Rows from i on that lie wholly inside: one strided copy.
+                    inner = min(last, (b - off - length) // stride + 1)
+                    put(row_start - a, rows[i - first : inner - first], stride)
+                    for j in range(inner, last):
+                        _put_clipped(put, off + j * stride, rows[j - first], a, b)
+                    break
+                _put_clipped(put, row_start, rows[i - first], a, b)
+    if not covered.all():
+        missing = np.flatnonzero(~covered)
+        gap_end = missing[0] + int(np.argmax(covered[missing[0] :])) if covered[missing[0] :].any() else b - a
+        raise ShardAssemblyError(
+            f"{where}: bytes [{a + int(missing[0])}, {a + int(gap_end)}) were never written "
+            "(no part or scatter run covers them); not publishing"
+        )
+    GcsPartWriter(staging).write_part(segment.file, a, memoryview(buf))
+    return b - a
+
+
+def _put_clipped(put, row_start: int, row, a: int, b: int) -> None:
+    lo, hi = max(row_start, a), min(row_start + len(row), b)
+    if lo < hi:
+        put(lo - a, row[lo - row_start : hi - row_start].reshape(1, -1), hi - lo)
 
 
 class ShardAssemblyError(RuntimeError):

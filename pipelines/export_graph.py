@@ -2,8 +2,9 @@
 
 Workers write their HF tensors' bytes through the shard writer of the output kind
 (`safetensors_io.writer`): locally straight into the pre-sized shards of the staging directory,
-on gs:// as part objects under the staging prefix. The finalize step checks that every item
-reported and publishes: locally it writes the index, config, tokenizer files and the provenance
+on gs:// as part and scatter objects under the staging prefix (gs:// adds PlanSegments ->
+AssembleSegments, which turn the scatter objects into parts). The finalize step checks that every
+item reported and publishes: locally it writes the index, config, tokenizer files and the provenance
 record into the staging directory and renames it into place; on gs:// (no rename) it composes
 the parts into the final shard objects at OUT/, then writes the index and side files, and the
 provenance record last: its presence marks a complete export.

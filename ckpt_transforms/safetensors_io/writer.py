@@ -6,11 +6,16 @@ Two kinds of output, chosen by the staging location's URI (`create_shards`, `ope
   a sparse hole); work items then write their tensors' bytes at the offsets the plan fixed
   (`os.pwrite`, no locking needed: ranges are disjoint, and a retried item rewrites the same bytes).
 - **gs://**: GCS objects cannot be written in place, and nothing is staged on a worker's disk.
-  Each work item uploads its byte runs as part objects `<staging>/parts/<shard>/<offset:020d>`
-  (runs adjacent in the file, within one item, become one part); the launcher uploads each
-  header as the part at offset 0. `compose_shards` then checks that a shard's parts tile it
-  exactly and composes them, in order, into the final object (GCS compose takes at most 32
-  sources, so larger shards are composed in rounds through intermediate objects).
+  A work item's runs that are adjacent in the file are grouped; a group of at least
+  DIRECT_PART_BYTES becomes a part object `<staging>/parts/<shard>/<offset:020d>`, and shorter
+  ones (an item that covers a column band of a tensor writes one short run per row) go into one
+  scatter object per item and shard, `<staging>/scatter/<shard>/<offset>`, described by
+  progressions in the item's record. The launcher uploads each header as the part at offset 0.
+  A segment stage (`plan_segments`, `assemble_segment`) rebuilds the bytes that no part covers,
+  SEGMENT_BYTES at a time, from ranged reads of the scatter objects, and uploads them as parts.
+  `check_parts` then checks that a shard's parts tile it exactly, and `compose_shards` composes
+  them in order into the final object (GCS compose takes at most 32 sources, so larger shards
+  are composed in rounds through intermediate objects).
 
 A retried or duplicated item writes the same parts under the same names (an item's writes and
 their coalescing are deterministic), so reruns overwrite rather than add.

@@ -32,7 +32,15 @@ from ckpt_transforms.storage.hf_side_files import (
     parse_config,
 )
 from pipelines.convert import human_bytes, normalize_argv
-from pipelines.export_graph import DONE_DIR, EXPORT_PROVENANCE_FILE, METRICS_NAMESPACE, build_export_pipeline
+from pipelines.export_graph import (
+    DONE_DIR,
+    EXPORT_PROVENANCE_FILE,
+    METRICS_NAMESPACE,
+    PUBLISHING_MARK,
+    build_export_pipeline,
+    count_done,
+    published_names,
+)
 from pipelines.options import parse_only, split_export_argv
 from pipelines.progress import ProgressMonitor
 
@@ -167,24 +175,34 @@ def format_export_summary(s: dict) -> str:
 
 
 def _existing_output(output: str, provenance: dict, force: bool) -> tuple[bool, bool]:
-    """(up to date, replace) for an existing output directory."""
-    if not os.path.exists(output) or (os.path.isdir(output) and not os.listdir(output)):
-        return False, False
-    if not os.path.isdir(output):
-        raise FileExistsError(f"{output} exists and is not a directory")
-    record = os.path.join(output, EXPORT_PROVENANCE_FILE)
-    old = None
-    if os.path.isfile(record):
-        with open(record, encoding="utf-8") as f:
-            old = json.load(f)
+    """(up to date, replace) for an existing output directory (on gs://: objects under OUT/)."""
+    if outdir.is_gcs(output):
+        if not outdir.dir_exists(output):
+            return False, False
+    else:
+        if not os.path.exists(output) or (os.path.isdir(output) and not os.listdir(output)):
+            return False, False
+        if not os.path.isdir(output):
+            raise FileExistsError(f"{output} exists and is not a directory")
+    text = outdir.read_text(outdir.join(output, EXPORT_PROVENANCE_FILE))
+    old = json.loads(text) if text is not None else None
     if old == json.loads(json.dumps(provenance)) and not force:
         return True, False
     if old is None and not force:
         raise FileExistsError(f"{output} exists and was not written by ckptbeam export; use --force to replace it")
+    if outdir.is_gcs(output) and not force:
+        # Locally the new export is renamed into place in one step; GCS has no rename.
+        raise FileExistsError(
+            f"{output} holds an export of another checkpoint or options, and gs:// output cannot be replaced "
+            "atomically: rerun with --force"
+        )
     return False, True
 
 
 def _stale_staging(output: str) -> list[str]:
+    if outdir.is_gcs(output):
+        parent, name = output.rstrip("/").rsplit("/", 1)
+        return [outdir.join(parent, c) for c in outdir.list_children(parent, prefix=name + STAGING_INFIX)]
     parent, name = os.path.split(output.rstrip("/"))
     prefix = name + STAGING_INFIX
     return (
@@ -199,11 +217,9 @@ def run(argv: list[str]) -> dict:
     args, beam_argv = split_export_argv(argv)
     if not args.source or not args.output:
         raise SystemExit("ckptbeam export: --source and --output are required")
-    if outdir.is_gcs(args.output) or "://" in args.output:
-        raise ValueError(
-            f"--output {args.output}: export writes a local directory for now (gs:// output is not supported yet)"
-        )
-    output = os.path.abspath(args.output)
+    output = outdir.normalize(args.output)  # an absolute local path or gs://BUCKET/PATH
+    if outdir.is_gcs(output) and not outdir.split_gcs(output)[1]:
+        raise ValueError(f"--output {args.output}: name a path inside the bucket (gs://BUCKET/PATH)")
     started = time.time()
     plan, checkpoint, side, provenance = make_export_plan(args)
     summary = plan.summary()
@@ -216,21 +232,23 @@ def run(argv: list[str]) -> dict:
         return {**summary, "up_to_date": True}
     for stale in _stale_staging(output):
         log.info("removing leftovers of an earlier unfinished export: %s", stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+        outdir.remove_tree(stale)
+    if not outdir.is_gcs(output):
+        os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
     staging = f"{output}{STAGING_INFIX}{int(time.time() * 1000)}"
-    os.makedirs(os.path.join(staging, DONE_DIR))
+    outdir.make_dirs(outdir.join(staging, DONE_DIR))
     options = PipelineOptions(normalize_argv(beam_argv))
-    done_dir = os.path.join(staging, DONE_DIR)
     try:
         create_shards(staging, plan.shards)
-        with ProgressMonitor(staging, len(plan.items), summary["bytes_written"], counter=lambda: _count(done_dir)):
+        with ProgressMonitor(staging, len(plan.items), summary["bytes_written"], counter=lambda: count_done(staging)):
             p = beam.Pipeline(options=options)
             build_export_pipeline(p, plan, checkpoint, staging, output, side, provenance, replace, args.item_attempts)
             result = p.run()
             result.wait_until_finish()
     except BaseException:
-        if os.path.isdir(staging):
+        if outdir.is_gcs(staging):
+            _remove_failed_gcs_export(staging, output, published_names(plan.shards, side))
+        elif os.path.isdir(staging):
             shutil.rmtree(staging, ignore_errors=True)
             log.error("export failed; nothing was published at %s (staging %s removed)", output, staging)
         raise
@@ -248,8 +266,15 @@ def run(argv: list[str]) -> dict:
     return summary
 
 
-def _count(directory: str) -> int:
+def _remove_failed_gcs_export(staging: str, output: str, names: list[str]) -> None:
+    """Remove what a failed gs:// run wrote: the final objects if it had started publishing
+    (provenance first), then its staging prefix (parts, intermediates, markers)."""
     try:
-        return len(os.listdir(directory))
-    except FileNotFoundError:
-        return 0
+        if outdir.file_exists(outdir.join(staging, PUBLISHING_MARK)):
+            for name in names:
+                outdir.remove_file(outdir.join(output, name))
+        outdir.remove_tree(staging)
+    except Exception as e:  # the original error matters more; the next run clears the staging prefix
+        log.error("export failed, and cleaning up after it failed too (%s); leftovers under %s", e, staging)
+        return
+    log.error("export failed; nothing was published at %s (staging %s removed)", output, staging)

@@ -114,12 +114,15 @@ class FaultProxy:
     """A loopback HTTP proxy in front of `upstream`; `fault(method, path, headers)` may answer instead.
 
     `fault` returns an HTTP status to send (with an empty JSON error body) or None to forward.
-    Counts the requests it forwarded and the ones it failed.
+    `body_fault(method, path, headers, body)` does the same for hooks that need the request body
+    (an upload's object name is in its multipart body). Counts the requests it forwarded and the
+    ones it failed.
     """
 
     def __init__(self, upstream: str, fault: FaultHook | None = None):
         self.upstream = upstream.removeprefix("http://")
         self.fault = fault
+        self.body_fault: Callable[[str, str, http.client.HTTPMessage, bytes | None], int | None] | None = None
         self.lock = threading.Lock()
         self.forwarded: list[tuple[str, str, str | None]] = []
         self.failed: list[tuple[str, str, int]] = []
@@ -136,6 +139,8 @@ class FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 status = proxy.fault(self.command, self.path, self.headers) if proxy.fault else None
+                if status is None and proxy.body_fault:
+                    status = proxy.body_fault(self.command, self.path, self.headers, body)
                 if status is not None:
                     with proxy.lock:
                         proxy.failed.append((self.command, self.path, status))

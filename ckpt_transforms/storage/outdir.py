@@ -113,7 +113,10 @@ def file_fingerprint(path: str) -> dict | None:
 
 def file_exists(path: str) -> bool:
     if is_gcs(path):
-        return read_text(path) is not None
+        # A one-key listing: no data is read, and binary files (manifest.ocdbt) are fine.
+        parent, name = posixpath.split(path)
+        exact = ts.KvStore.KeyRange(inclusive_min=name, exclusive_max=name + "\0")
+        return bool(_gcs_kvstore(parent).list(exact).result())
     return os.path.isfile(path)
 
 
@@ -139,12 +142,13 @@ def dir_exists(directory: str) -> bool:
     return os.path.isdir(directory)
 
 
-def list_children(directory: str) -> list[str]:
-    """Names of the entries directly inside `directory` (on GCS: first components of object names)."""
+def list_children(directory: str, prefix: str = "") -> list[str]:
+    """Names of the entries directly inside `directory` that start with `prefix` (on GCS: first
+    components of object names; the listing is limited to `prefix`, not the whole directory)."""
     if is_gcs(directory):
-        return sorted({k.split("/", 1)[0] for k in list_files(directory)})
+        return sorted({k.split("/", 1)[0] for k in list_files(directory, prefix)})
     try:
-        return sorted(os.listdir(directory))
+        return sorted(e for e in os.listdir(directory) if e.startswith(prefix))
     except FileNotFoundError:
         return []
 

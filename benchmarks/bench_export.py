@@ -42,7 +42,7 @@ import tensorstore as ts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import CKPTBEAM_EXPORT, ckptbeam_convert, compare_hf_dirs, timed_with_load  # noqa: E402
+from common import CKPTBEAM_EXPORT, LAST_CPU, ckptbeam_convert, compare_hf_dirs, timed_with_load  # noqa: E402
 from make_llama_checkpoint import make_benchmark_model  # noqa: E402
 
 # The TensorStore floor, run as `python -c TS_FLOOR ITEMS_DIR OUT_FILE`.
@@ -131,12 +131,12 @@ def main() -> None:
     }
     shell = {"floor": True, "floor + fsync": True}
 
-    def run(name: str) -> tuple[float, int, float]:
+    def run(name: str) -> tuple[float, int, float, float]:
         shutil.rmtree(out, ignore_errors=True)
         os.makedirs(out)
         result = timed_with_load(commands[name], shell=shell.get(name, False))
         shutil.rmtree(out, ignore_errors=True)
-        return result
+        return (*result, LAST_CPU[0])
 
     # Warm-up (not measured); the export's output is kept once to check it against the source.
     for name in commands:
@@ -146,7 +146,7 @@ def main() -> None:
     timed_with_load(commands["export"])
     ok, findings = compare_hf_dirs(os.path.join(out, "hf"), src, "export", "source")
     shutil.rmtree(out, ignore_errors=True)
-    runs: dict[str, list[tuple[float, int, float]]] = {name: [] for name in commands}
+    runs: dict[str, list[tuple[float, int, float, float]]] = {name: [] for name in commands}
     for _ in range(a.repeats):
         for name in commands:
             runs[name].append(run(name))
@@ -159,18 +159,23 @@ def main() -> None:
     print(f"export == source, tensor by tensor: {'yes' if ok else 'NO'}")
     for line in findings:
         print(f"  {line}")
-    floor = statistics.median(w for w, _, _ in runs["floor"])
-    print(f"{'step':<20} {'wall s':>7} {'MB/s':>6} {'÷ floor':>8} {'peak RSS':>9} {'other load':>10}  runs")
+    floor = statistics.median(r[0] for r in runs["floor"])
+    floor_cpu = statistics.median(r[3] for r in runs["floor"])
+    print(
+        f"{'step':<20} {'wall s':>7} {'MB/s':>6} {'÷ floor':>8} {'CPU s':>6} {'÷ floor':>8} {'peak RSS':>9} "
+        f"{'other load':>10}  runs (wall)"
+    )
     for name, rs in runs.items():
-        wall = statistics.median(w for w, _, _ in rs)
-        rss = max(r for _, r, _ in rs)
-        load = statistics.median(x for _, _, x in rs)
-        each = ", ".join(f"{w:.2f}" for w, _, _ in rs)
+        wall, cpu = statistics.median(r[0] for r in rs), statistics.median(r[3] for r in rs)
+        rss = max(r[1] for r in rs)
+        load = statistics.median(r[2] for r in rs)
+        each = ", ".join(f"{r[0]:.2f}" for r in rs)
         print(
-            f"{name:<20} {wall:>7.2f} {mb / wall:>6.0f} {wall / floor:>8.2f} {rss / 2**20:>7.0f} Mi "
-            f"{load:>9.2f}c  {each}"
+            f"{name:<20} {wall:>7.2f} {mb / wall:>6.0f} {wall / floor:>8.2f} {cpu:>6.2f} {cpu / floor_cpu:>8.2f} "
+            f"{rss / 2**20:>7.0f} Mi {load:>9.2f}c  {each}"
         )
-    print("other load: mean cores busy with anything else during the run (median over runs)")
+    print("CPU s: user + system of the command and its children; other load: mean cores busy with anything")
+    print("else during the run (median over runs); on a loaded machine CPU s is the steadier figure")
     shutil.rmtree(a.workdir, ignore_errors=True)
 
 

@@ -51,14 +51,19 @@ def _busy_seconds() -> float:
 
 
 def timed_with_load(cmd: list[str], shell: bool = False) -> tuple[float, int, float]:
-    """`timed`, plus the other load during the run: cores kept busy by anything but this command."""
+    """`timed`, plus the other load during the run: cores kept busy by anything but this command.
+    (The command's own CPU seconds, user + system, are left in `LAST_CPU[0]`.)"""
     before_children = resource.getrusage(resource.RUSAGE_CHILDREN)
     before_busy = _busy_seconds()
     wall, rss = timed(cmd, shell=shell)
     busy = _busy_seconds() - before_busy
     after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
     ours = (after_children.ru_utime + after_children.ru_stime) - (before_children.ru_utime + before_children.ru_stime)
+    LAST_CPU[0] = ours
     return wall, rss, max(0.0, busy - ours) / wall
+
+
+LAST_CPU = [0.0]
 
 
 # --- Qwen3-0.6B-shaped checkpoints (the MaxText comparisons) --------------------------------------

@@ -36,6 +36,28 @@ def as_bits(x: np.ndarray) -> np.ndarray:
     return x if bits is None else x.view(bits)
 
 
+COPY_BLOCK = 256
+
+
+def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst[...] = src, in blocks along src's outermost-in-memory axis.
+
+    A transposed view copied in one go walks memory with a huge stride (cache misses on every
+    element); copying 256 source rows at a time keeps both sides in cache (~4x faster here).
+    Same-dtype copies move raw bits: numpy copies ml_dtypes' bfloat16 element by element
+    through the dtype's own functions, several times slower than a plain uint16 copy.
+    """
+    if dst.dtype == src.dtype:
+        dst, src = as_bits(dst), as_bits(src)
+    if src.flags.c_contiguous or src.ndim < 2:
+        dst[...] = src
+        return
+    axis = int(np.argmax(np.abs(src.strides)))
+    for start in range(0, src.shape[axis], COPY_BLOCK):
+        index = (slice(None),) * axis + (slice(start, start + COPY_BLOCK),)
+        dst[index] = src[index]
+
+
 class Op:
     """Base class: `apply` maps an array forward, `inverse` returns the op that undoes it."""
 

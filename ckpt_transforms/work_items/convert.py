@@ -19,7 +19,7 @@ from ckpt_transforms.safetensors_io.index import TensorInfo
 from ckpt_transforms.storage.sources import ByteSource, coalesce_ranges
 from ckpt_transforms.tensors import dtypes
 from ckpt_transforms.tensors.buffers import BufferPool
-from ckpt_transforms.tensors.ops import apply_chain, as_bits, split_decode
+from ckpt_transforms.tensors.ops import apply_chain, copy_into, split_decode
 
 
 def decode(raw: bytes | memoryview, src: TensorInfo) -> np.ndarray:
@@ -82,28 +82,6 @@ def slab_value(slab: Slab, item: WorkItem, source: ByteSource, pool: BufferPool 
 
 def dest_index(dest: tuple) -> tuple:
     return tuple(d if isinstance(d, int) else slice(*d) for d in dest)
-
-
-COPY_BLOCK = 256
-
-
-def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
-    """dst[...] = src, in blocks along src's outermost-in-memory axis.
-
-    A transposed view copied in one go walks memory with a huge stride (cache misses on every
-    element); copying 256 source rows at a time keeps both sides in cache (~4x faster here).
-    Same-dtype copies move raw bits: numpy copies ml_dtypes' bfloat16 element by element
-    through the dtype's own functions, several times slower than a plain uint16 copy.
-    """
-    if dst.dtype == src.dtype:
-        dst, src = as_bits(dst), as_bits(src)
-    if src.flags.c_contiguous or src.ndim < 2:
-        dst[...] = src
-        return
-    axis = int(np.argmax(np.abs(src.strides)))
-    for start in range(0, src.shape[axis], COPY_BLOCK):
-        index = (slice(None),) * axis + (slice(start, start + COPY_BLOCK),)
-        dst[index] = src[index]
 
 
 def build_region(item: WorkItem, source: ByteSource, pool: BufferPool | None = None) -> np.ndarray:

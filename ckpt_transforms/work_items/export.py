@@ -18,7 +18,7 @@ from ckpt_transforms.orbax_io.reader import open_leaf, read_region
 from ckpt_transforms.planning.export_plan import ExportItem, Output, Piece
 from ckpt_transforms.safetensors_io.layout import ShardLayout, contiguous_runs
 from ckpt_transforms.tensors import dtypes
-from ckpt_transforms.tensors.ops import PlaceInAxis, PutEvery, apply_chain, as_bits
+from ckpt_transforms.tensors.ops import PlaceInAxis, PutEvery, apply_chain, as_bits, copy_into
 
 # write(file, offset, data): put `data` at byte `offset` of the shard `file`.
 WriteFn = Callable[[str, int, memoryview], None]
@@ -32,14 +32,14 @@ def _placed(buffer: np.ndarray, piece: Piece, values: np.ndarray) -> None:
     """Put a piece's values into the output box: whole, or its positions of a fused axis."""
     place = piece.ops[-1] if piece.ops and isinstance(piece.ops[-1], PutEvery | PlaceInAxis) else None
     if place is None:
-        as_bits(buffer)[...] = as_bits(values)
+        copy_into(buffer, values)  # blocked: a transposed slab would walk memory against the grain
         return
     index = [slice(None)] * buffer.ndim
     axis = place.axis % buffer.ndim
     index[axis] = (
         slice(place.start, None, place.step) if isinstance(place, PutEvery) else slice(place.start, place.stop)
     )
-    as_bits(buffer)[tuple(index)] = as_bits(values)
+    copy_into(buffer[tuple(index)], values)
 
 
 def build_output(output: Output, regions: list[np.ndarray], weight: np.dtype) -> np.ndarray:

@@ -23,6 +23,21 @@ runs the unmodified `main`:
 MaxText's own table does but config.json does not say (e.g. `attention_bias=true`: MaxText's
 Qwen2Config entries set it, and its HF_SHAPE only lists q/k/v biases when it is true).
 
+What the tiny fixtures needed (model_name, extra arguments), all else as in the example above:
+
+    llama*, golden llama3.1      llama3.1-8b
+    qwen2_*                      qwen2.5-7b    --hf_set attention_bias=true
+    qwen3_*, golden qwen3        qwen3-8b;  qwen3_moe: qwen3-30b-a3b
+    deepseek2 / deepseek3* / deepseek32_fp8   deepseek2-16b / deepseek3-671b / deepseek3.2-671b attention=dot_product
+    gpt_oss_*                    gpt-oss-20b
+    gemma2_* / gemma3_mm         gemma2-2b / gemma3-4b
+    gemma4_moe / gemma4_dense    gemma4-26b / gemma4-31b override_model_config=true share_kv_projections=false
+    gemma4_small                 gemma4-e2b (scan_layers=false only)
+    qwen3_next                   qwen3-next-80b-a3b  --hf_set full_attention_interval=4
+    mixtral (head_dim = hidden/heads only: its HF_SHAPE assumes it)
+                                 mixtral-8x7b override_model_config=true num_experts=4 head_dim=16
+    olmo3: fails (no HF_SHAPE entry); mistral: no MaxText name (llama3.1-8b de-interleaves RoPE).
+
 Everything else after `--hf_config_dir DIR` is passed to MaxText unchanged (pyconfig `key=value` and
 its absl flags such as `--override_model_architecture`).
 """

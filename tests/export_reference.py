@@ -28,7 +28,14 @@ and marked "NOT MaxText" below:
   (always de-interleaves) but to_maxtext-style converters interleave only for llama3 RoPE.
 - mixtral `out` kernel: MaxText's `reshape_and_transpose_attention` does `x.reshape(hidden, -1).T`
   on the [heads, head_dim, hidden] leaf, which scrambles o_proj unless heads*head_dim == hidden
-  (true for the real 8x7b/8x22b, false for tiny test models).
+  (true for the real 8x7b/8x22b, false for tiny test models). Its HF_SHAPE also assumes
+  head_dim = hidden / heads, so such models fail to export at all.
+
+Checked against MaxText's real to_huggingface (benchmarks/maxtext_to_hf_peer.py, tiny fixtures):
+every tensor bitwise equal for llama3.1, qwen2/qwen3 (tied, untied), qwen3-moe, deepseek2/3 (bf16,
+fp8), deepseek3.2, gpt-oss (bf16, mxfp4), gemma2, gemma3, gemma4 (moe; dense/small up to the naming
+above), mixtral with head_dim = hidden / heads, scanned and unscanned, weight_dtype bf16 and f32
+where run; the only differences are the NOT-MaxText rules above.
 """
 
 from __future__ import annotations
@@ -501,8 +508,10 @@ def gemma4(leaves: dict[str, np.ndarray], cfg: dict, scan: bool, use_multimodal:
     blocks) + `layers_remainder.layers_{r}`."""
     tc = cfg.get("text_config", cfg)
     # GEMMA4 mapping: `model.language_model` if the HF config has a vision_config, else `model`.
-    # transformers' Gemma4Config always has one (a None in config.json becomes the default vision
-    # config), so the container config (text_config present) decides.
+    # MaxText's own Gemma4 configs (hf_model_configs.py) all have one; our tiny dense/small fixtures
+    # say `"vision_config": null`, for which MaxText would write `model.*` that
+    # Gemma4ForConditionalGeneration does not load. So a container config (text_config present)
+    # means `model.language_model.` here (NOT MaxText for a null vision_config).
     base = "model.language_model." if "text_config" in cfg or cfg.get("vision_config") else "model."
     n = tc["num_hidden_layers"]
     out = {

@@ -34,9 +34,11 @@ and marked "NOT MaxText" below:
 
 Checked against MaxText's real to_huggingface (benchmarks/maxtext_to_hf_peer.py, tiny fixtures):
 every tensor bitwise equal for llama3.1, qwen2/qwen3 (tied, untied), qwen3-moe, deepseek2/3 (bf16,
-fp8), deepseek3.2, gpt-oss (bf16, mxfp4), gemma2, gemma3, gemma4 (moe; dense/small up to the naming
-above), mixtral with head_dim = hidden / heads, scanned and unscanned, weight_dtype bf16 and f32
-where run; the only differences are the NOT-MaxText rules above.
+fp8), deepseek3.2, gpt-oss (bf16, mxfp4), gemma2, gemma3 (text and vision), gemma4 (moe; dense/small
+equal up to the naming above), mixtral with head_dim = hidden / heads, qwen3-next (only with its
+HF_SHAPE table substituted: MaxText's QWEN3_NEXT_HF_WEIGHTS_TO_SHAPE has no `return`, so its export
+always fails), scanned and unscanned, weight_dtype bf16 and f32 where run; the only differences
+are the NOT-MaxText rules above (llama with default RoPE and mistral: MaxText de-interleaves q/k).
 """
 
 from __future__ import annotations

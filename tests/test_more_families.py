@@ -815,9 +815,7 @@ def gemma4_layer(t: dict, i: int) -> dict:
     out |= {
         "layer_scalar": (1,),
         a + "query.kernel": (h, heads, hd),
-        # Flat, not split into heads: MaxText's to_maxtext writes [heads*head_dim, (layers,) emb]
-        # and its model (attentions.py init_out_w, qwen3 hybrid) restores only that rank.
-        a + "out.kernel": (heads * hd, h),
+        a + "out.kernel": (heads, hd, h),
         a + "query_norm.scale": (hd,),
     }
     if not shared:

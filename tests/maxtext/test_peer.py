@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
-import peer
 import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peer  # noqa: E402
 
 pytestmark = pytest.mark.maxtext
 
@@ -26,6 +29,19 @@ SCANS = [pytest.param(True, id="scan"), pytest.param(False, id="unscan")]
 UNSCANNED_ONLY = {"gemma4_small"}
 # KL(HF || MaxText) per position, float32 on both sides.
 MAX_KL = 1e-4
+
+
+# (No conftest.py here: a second module named `conftest` would shadow tests/conftest.py, which
+# the other test modules import by that name.)
+@pytest.fixture(scope="session")
+def peer_workdir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A session directory for checkpoints and logs (CKPTBEAM_PEER_WORKDIR keeps them). Without the
+    peer venv, tests/conftest.py skips the suite with one line."""
+    keep = os.environ.get("CKPTBEAM_PEER_WORKDIR")
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+        return keep
+    return str(tmp_path_factory.mktemp("maxtext-peer"))
 
 
 def _record(workdir: str, **row: object) -> None:
@@ -66,7 +82,9 @@ def test_maxtext_restores_ckptbeam_logits(name: str, scan: bool, peer_workdir: s
     family = peer.FAMILIES[name]
     ours, _ = _checkpoints(name, scan, peer_workdir, with_maxtext=False)
     got = peer.maxtext_logits(family, ours, scan, peer_workdir)
-    want = peer.hf_logits(family)
+    # transformers cannot run FP8 / MXFP4 on CPU: the reference is the dequantized copy MaxText reads.
+    hf_dir = peer.maxtext_source(family, peer_workdir) if family.maxtext_source is peer.dequantized_copy else None
+    want = peer.hf_logits(family, hf_dir=hf_dir)
     stats = peer.logit_stats(got, want)
     _record(peer_workdir, check="logits", family=name, scan=scan, **stats)
     assert stats["top1"] == 1.0 and stats["kl_max"] < MAX_KL, stats
@@ -84,13 +102,12 @@ def test_maxtext_to_huggingface_gives_back_the_fixture(name: str, peer_workdir: 
     got = reference.load_tensors(out)
     want = reference.load_tensors(peer.maxtext_source(family, peer_workdir))
     missing = sorted(set(want) - set(got))
-    diffs = [k for k in sorted(set(want) & set(got)) if np.asarray(got[k]).tobytes() != np.asarray(want[k]).tobytes()]
-    _record(
-        peer_workdir,
-        check="to_huggingface",
-        family=name,
-        missing=missing,
-        diffs=diffs,
-        extra=sorted(set(got) - set(want)),
-    )
+    # MaxText writes its weight_dtype (float32); bf16 -> float32 is exact, so values compare exactly.
+    diffs = [
+        k
+        for k in sorted(set(want) & set(got))
+        if got[k].shape != want[k].shape or not np.array_equal(got[k].astype(np.float32), want[k].astype(np.float32))
+    ]
+    extra = sorted(set(got) - set(want))
+    _record(peer_workdir, check="to_huggingface", family=name, missing=missing, diffs=diffs, extra=extra)
     assert not diffs, diffs

@@ -13,9 +13,13 @@ Evidence, all from MaxText (read for facts):
   here it comes from config.json (`layer_types`, or `full_attention_interval` in older files),
   which must repeat (N - 1) linear layers then one full one.
   - full attention (`Qwen3NextFullAttention`, its `attention` is an Attention module):
-    `attention/attention/{query,key,value,out}/kernel`, `reshape_kernel`; the query holds the
+    `attention/attention/{query,key,value}/kernel`, `reshape_kernel`; the query holds the
     output gate too: [emb, heads, 2 * head_dim] (layers/attentions.py `init_query_w`,
-    `is_qwen3_hybrid`); `attention/attention/{query,key}_norm/scale` [head_dim] as they are.
+    `is_qwen3_hybrid`). The output projection is NOT split into heads: `init_out_w` gives
+    qwen3 hybrids one flat input axis, so `out/kernel` is o_proj transposed, [heads * head_dim,
+    emb] (param_mapping.py's hook reshapes it to heads, which MaxText then refuses to restore:
+    its own to_maxtext writes the flat shape). `attention/attention/{query,key}_norm/scale`
+    [head_dim] as they are.
   - linear attention (`Qwen3NextGatedDeltaNet`): `attention/in_proj_qkvz/kernel` [emb, 2*key_dim
     + 2*value_dim] and `attention/in_proj_ba/kernel` [emb, 2*num_v_heads] transposed,
     `attention/out_proj/kernel` transposed, `attention/conv1d/kernel` permuted (2, 1, 0) from HF
@@ -54,7 +58,6 @@ from model_maps.common import (
     expert_rules,
     gated_mlp_rules,
     heads_kernel,
-    out_kernel,
     require_quant_method,
 )
 
@@ -80,7 +83,8 @@ def full_attention_rules(d: Dims) -> list[ParamRule]:
         ParamRule(f"{t}/query/kernel", f"{a}.q_proj.weight", (2 * q_width, d.hidden), heads_kernel(2 * d.head_dim)),
         ParamRule(f"{t}/key/kernel", f"{a}.k_proj.weight", (kv_width, d.hidden), heads_kernel(d.head_dim)),
         ParamRule(f"{t}/value/kernel", f"{a}.v_proj.weight", (kv_width, d.hidden), heads_kernel(d.head_dim)),
-        ParamRule(f"{t}/out/kernel", f"{a}.o_proj.weight", (d.hidden, q_width), out_kernel(d.head_dim)),
+        # One flat input axis (attentions.py init_out_w for qwen3 hybrids): [heads * head_dim, emb].
+        ParamRule(f"{t}/out/kernel", f"{a}.o_proj.weight", (d.hidden, q_width), KERNEL),
         ParamRule(f"{t}/query_norm/scale", f"{a}.q_norm.weight", (d.head_dim,)),
         ParamRule(f"{t}/key_norm/scale", f"{a}.k_norm.weight", (d.head_dim,)),
     ]

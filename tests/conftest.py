@@ -69,3 +69,22 @@ def assert_matches_reference(
 @pytest.fixture
 def out_dir(tmp_path):
     return str(tmp_path / "out")
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected what it does not select
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The opt-in MaxText peer suite (tests/maxtext), selected with `-m maxtext` but without its
+    peer venv: one skipped item with one line saying how to build it, instead of one per test."""
+    selected = [item for item in items if item.get_closest_marker("maxtext")]
+    if not selected:
+        return
+    sys.path.insert(0, os.path.join(TESTS, "maxtext"))
+    import peer
+
+    reason = peer.unavailable_reason()
+    if reason is None:
+        return
+    first, rest = selected[0], set(selected[1:])
+    first.add_marker(pytest.mark.skip(reason=reason))
+    config.hook.pytest_deselected(items=list(rest))
+    items[:] = [item for item in items if item not in rest]

@@ -564,7 +564,8 @@ def qwen3_next_leaves(cfg: dict, t: dict, scan: bool, use_multimodal: bool) -> d
                 a + "query.kernel": _reshape_kernel(t[s + "q_proj.weight"], h, heads, 2 * hd),
                 a + "key.kernel": _reshape_kernel(t[s + "k_proj.weight"], h, kv, hd),
                 a + "value.kernel": _reshape_kernel(t[s + "v_proj.weight"], h, kv, hd),
-                a + "out.kernel": _reshape_kernel(t[s + "o_proj.weight"], heads, hd, h),
+                # MaxText's to_maxtext writes o_proj.T with heads NOT split: [heads*head_dim, emb].
+                a + "out.kernel": t[s + "o_proj.weight"].T,
                 a + "query_norm.scale": t[s + "q_norm.weight"],
                 a + "key_norm.scale": t[s + "k_norm.weight"],
             }

@@ -21,7 +21,7 @@ import re
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import FIXTURES, assert_bitwise_equal, assert_matches_reference, convert
+from conftest import FIXTURES, assert_bitwise_equal, assert_matches_reference, convert, restore_leaves
 from helpers_safetensors import fixture_config, fixture_tensors, write_tensors
 from reference import expected_leaves
 
@@ -199,7 +199,9 @@ def qwen3_next_tree(c: dict, scan: bool) -> dict:
         a + "query.kernel": (h, heads, 2 * hd),  # query and its output gate
         a + "key.kernel": (h, kv, hd),
         a + "value.kernel": (h, kv, hd),
-        a + "out.kernel": (heads, hd, h),
+        # Flat, not split into heads: MaxText's to_maxtext writes [heads*head_dim, (layers,) emb]
+        # and its model (attentions.py init_out_w, qwen3 hybrid) restores only that rank.
+        a + "out.kernel": (heads * hd, h),
         a + "query_norm.scale": (hd,),
         a + "key_norm.scale": (hd,),
     }
@@ -408,6 +410,8 @@ def test_headline_shapes():
     assert q3n["decoder.layers.layer_3.attention.attention.query.kernel"] == (2048, 12, 16, 512)
     assert q3n["decoder.layers.layer_0.mlp.routed_experts.wi_0"] == (512, 12, 2048, 512)
     assert q3n["decoder.layers.layer_2.attention.conv1d.kernel"] == (4, 12, 1, 8192)
+    assert q3n["decoder.layers.layer_3.attention.attention.out.kernel"] == (4096, 12, 2048)
+    assert target_shapes(QWEN3_NEXT_80B, False)["decoder.layers_7.attention.attention.out.kernel"] == (4096, 2048)
     assert target_shapes(GEMMA2_9B, True)["decoder.layers.mlp_global.wi_0.kernel"] == (3584, 21, 14336)
 
 
@@ -473,6 +477,28 @@ def test_qwen3_next_positions_choose_attention_kind():
     # older config.json files give the cycle as full_attention_interval instead of layer_types
     older = {k: v for k, v in cfg.items() if k != "layer_types"} | {"full_attention_interval": 4}
     assert target_shapes(older, True) == target_shapes(cfg, True)
+
+
+@pytest.mark.parametrize(
+    "scan, name, shape",
+    [
+        (True, "decoder.layers.layer_3.attention.attention.out.kernel", (64, 2, 32)),
+        (False, "decoder.layers_3.attention.attention.out.kernel", (64, 32)),
+        (False, "decoder.layers_7.attention.attention.out.kernel", (64, 32)),
+    ],
+    ids=["scan", "unscan-3", "unscan-7"],
+)
+def test_qwen3_next_out_kernel_is_flat_as_maxtext_writes_it(scan, name, shape, tmp_path):
+    """Issue 14: the shapes MaxText's own to_maxtext wrote for this fixture (4 heads x head_dim
+    16 = 64, 2 full-attention layers, emb 32); ckptbeam wrote [heads, layers, head_dim, emb],
+    which MaxText refused to restore (`Checkpoint rank mismatches`). Values: o_proj transposed."""
+    convert(os.path.join(FIXTURES, "qwen3_next_bf16"), str(tmp_path / "out"), "--scan_layers", str(scan).lower())
+    got = restore_leaves(str(tmp_path / "out"))[P + name]
+    assert got.shape == shape
+    t = fixture_tensors("qwen3_next_bf16")
+    layers = (3, 7) if scan else (int(name.split("_")[1].split(".")[0]),)
+    want = np.stack([t[f"model.layers.{i}.self_attn.o_proj.weight"].T for i in layers], axis=1)
+    assert_bitwise_equal(got, want if scan else want[:, 0], name)
 
 
 def test_qwen3_next_mtp_head_is_a_known_extra():

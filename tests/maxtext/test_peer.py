@@ -1,0 +1,122 @@
+"""ckptbeam against MaxText itself, on every fixture family (opt-in: `-m maxtext`).
+
+- to_maxtext: MaxText's own converter and ckptbeam's CLI on the same fixture must write the same
+  leaves (names, shapes, dtypes, bytes).
+- logits: MaxText restores ckptbeam's checkpoint through its normal load path and its model must
+  agree with transformers' model on the same tokens (same top-1, small KL).
+- to_huggingface: MaxText's exporter on ckptbeam's checkpoint gives back the fixture's tensors
+  (the direction `ckptbeam export` will be checked in against the same runner).
+
+Results (one JSON line per check) are appended to `results.jsonl` in the work directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peer  # noqa: E402
+
+pytestmark = pytest.mark.maxtext
+
+SCANS = [pytest.param(True, id="scan"), pytest.param(False, id="unscan")]
+# MaxText's gemma4_small decoder (E2B/E4B) has no scanned form.
+UNSCANNED_ONLY = {"gemma4_small"}
+# KL(HF || MaxText) per position, float32 on both sides.
+MAX_KL = 1e-4
+# Logit gaps between MaxText's model and transformers' on these tiny configs, seen on ckptbeam's
+# checkpoint whose leaves are byte-identical to what MaxText's own to_maxtext writes (so they are
+# not conversion defects); not yet diagnosed. Measured (max |diff|, KL max, top-1):
+KNOWN_LOGIT_GAPS = {
+    "mixtral": "MaxText mixtral vs HF: max|diff| 0.13, KL max 7.7e-4, top-1 1.0 (MoE routing? undiagnosed)",
+    "gemma4_dense": "MaxText gemma4 vs HF: max|diff| 0.02, KL max 1.7e-5, top-1 11/12 (near tie; undiagnosed)",
+}
+
+
+# (No conftest.py here: a second module named `conftest` would shadow tests/conftest.py, which
+# the other test modules import by that name.)
+@pytest.fixture(scope="session")
+def peer_workdir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A session directory for checkpoints and logs (CKPTBEAM_PEER_WORKDIR keeps them). Without the
+    peer venv, tests/conftest.py skips the suite with one line."""
+    keep = os.environ.get("CKPTBEAM_PEER_WORKDIR")
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+        return keep
+    return str(tmp_path_factory.mktemp("maxtext-peer"))
+
+
+def _record(workdir: str, **row: object) -> None:
+    with open(os.path.join(workdir, "results.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _checkpoints(name: str, scan: bool, workdir: str, with_maxtext: bool = True) -> tuple[str, str]:
+    """(ckptbeam items, MaxText items) for one family and layout, converted once per work dir."""
+    family = peer.FAMILIES[name]
+    if scan and name in UNSCANNED_ONLY:
+        pytest.skip("MaxText's gemma4_small decoder has no scanned form")
+    tag = f"{name}-{'scan' if scan else 'unscan'}"
+    ours, theirs = os.path.join(workdir, tag + "-ckptbeam"), os.path.join(workdir, tag + "-maxtext")
+    # Reused within a work dir (CKPTBEAM_PEER_WORKDIR) only if the step was committed.
+    if not os.path.isfile(os.path.join(ours, "0", "commit_success.txt")):
+        peer.run_ckptbeam_convert(family, ours, scan)
+    if with_maxtext and not os.path.isfile(os.path.join(theirs, "0", "commit_success.txt")):
+        if name in peer.NO_TO_MAXTEXT:
+            pytest.skip(peer.NO_TO_MAXTEXT[name])
+        peer.run_to_maxtext(family, theirs, scan, workdir)
+    return os.path.join(ours, "0", "items"), os.path.join(theirs, "0", "items")
+
+
+@pytest.mark.parametrize("scan", SCANS)
+@pytest.mark.parametrize("name", sorted(peer.FAMILIES))
+def test_to_maxtext_leaves_match(name: str, scan: bool, peer_workdir: str) -> None:
+    ours, theirs = _checkpoints(name, scan, peer_workdir)
+    a, b = peer.read_leaves(ours), peer.read_leaves(theirs)
+    diffs, notes = peer.compare_leaves(a, b)
+    _record(peer_workdir, check="to_maxtext", family=name, scan=scan, leaves=len(b), diffs=diffs, notes=notes)
+    assert not diffs, f"{len(diffs)} differences from MaxText's to_maxtext:\n" + "\n".join(diffs)
+
+
+@pytest.mark.parametrize("scan", SCANS)
+@pytest.mark.parametrize("name", sorted(peer.FAMILIES))
+def test_maxtext_restores_ckptbeam_logits(name: str, scan: bool, peer_workdir: str) -> None:
+    family = peer.FAMILIES[name]
+    ours, _ = _checkpoints(name, scan, peer_workdir, with_maxtext=False)
+    got = peer.maxtext_logits(family, ours, scan, peer_workdir)
+    # transformers cannot run FP8 / MXFP4 on CPU: the reference is the dequantized copy MaxText reads.
+    hf_dir = peer.maxtext_source(family, peer_workdir) if family.maxtext_source is peer.dequantized_copy else None
+    want = peer.hf_logits(family, hf_dir=hf_dir)
+    stats = peer.logit_stats(got, want)
+    _record(peer_workdir, check="logits", family=name, scan=scan, **stats)
+    if name in KNOWN_LOGIT_GAPS and not (stats["top1"] == 1.0 and stats["kl_max"] < MAX_KL):
+        pytest.xfail(KNOWN_LOGIT_GAPS[name])
+    assert stats["top1"] == 1.0 and stats["kl_max"] < MAX_KL, stats
+
+
+@pytest.mark.parametrize("name", sorted(peer.FAMILIES))
+def test_maxtext_to_huggingface_gives_back_the_fixture(name: str, peer_workdir: str) -> None:
+    """MaxText's exporter on ckptbeam's (unscanned) checkpoint returns every source tensor as it was
+    (bf16 fixtures; quantized ones come back dequantized, compared with MaxText's own input)."""
+    import reference
+
+    family = peer.FAMILIES[name]
+    ours, _ = _checkpoints(name, False, peer_workdir, with_maxtext=False)
+    out = peer.run_to_huggingface(family, ours, os.path.join(peer_workdir, f"{name}-to-hf"), False, peer_workdir)
+    got = reference.load_tensors(out)
+    want = reference.load_tensors(peer.maxtext_source(family, peer_workdir))
+    missing = sorted(set(want) - set(got))
+    # MaxText writes its weight_dtype (float32); bf16 -> float32 is exact, so values compare exactly.
+    diffs = [
+        k
+        for k in sorted(set(want) & set(got))
+        if got[k].shape != want[k].shape or not np.array_equal(got[k].astype(np.float32), want[k].astype(np.float32))
+    ]
+    extra = sorted(set(got) - set(want))
+    _record(peer_workdir, check="to_huggingface", family=name, missing=missing, diffs=diffs, extra=extra)
+    assert not diffs, diffs

@@ -16,6 +16,7 @@ import pytest
 from conftest import FIXTURE_NAMES, FIXTURES, UNSCANNED_ONLY, assert_bitwise_equal, convert
 from export_reference import expected_hf_tensors
 from helpers_safetensors import read_tensors
+from test_export_reference import GEMMA3_RENAMES
 
 # Leaves whose export does arithmetic (EXPORT.md §2): q scaling, Gemma embeddings and norms.
 ARITHMETIC = ("q_proj", "embed_tokens", "layernorm", "norm.weight", "q_norm", "k_norm", "mm_soft_emb_norm")
@@ -35,6 +36,13 @@ def read_model(directory: str) -> dict[str, np.ndarray]:
     for f in files:
         tensors.update(read_tensors(os.path.join(directory, f)))
     return tensors
+
+
+def _transformers_name(key: str) -> str:
+    for ours, maxtexts in GEMMA3_RENAMES:
+        if key.startswith(maxtexts):
+            return ours + key[len(maxtexts) :]
+    return key
 
 
 def _cases():
@@ -58,7 +66,11 @@ def test_fixture_round_trips_through_export(fixture, scan, tmp_path):
     written = read_model(hf)
     with open(os.path.join(source, "config.json")) as f:
         config = json.load(f)
-    expected = expected_hf_tensors(os.path.join(ckpt, "0", "items"), config, scan)
+    expected = expected_hf_tensors(os.path.join(ckpt, "0", "items"), config, scan, use_multimodal=bool(extra))
+    if config["model_type"] == "gemma3":
+        # MaxText writes Gemma3 as model.language_model.* / model.vision_tower.vision_model.*;
+        # ckptbeam writes what transformers' own save_pretrained writes (both load).
+        expected = {_transformers_name(k): v for k, v in expected.items()}
     assert sorted(written) == sorted(expected)
     for key, value in expected.items():
         assert_bitwise_equal(written[key], value, key)
@@ -74,3 +86,23 @@ def test_fixture_round_trips_through_export(fixture, scan, tmp_path):
         out_config = json.load(f)
     assert "quantization_config" not in out_config
     assert out_config.get("torch_dtype", out_config.get("dtype")) == "bfloat16"
+
+
+@pytest.mark.parametrize("fixture", ["llama_bf16", "gemma2_bf16", "gemma2_f32", "gemma3_mm_bf16", "gemma4_moe_bf16"])
+def test_float32_export_matches_maxtext(fixture, tmp_path):
+    """--weight_dtype float32: leaves upcast on reading, hooks in float32 (Gemma divisions as XLA
+    computes them: times the float32 reciprocal), as MaxText's to_huggingface weight_dtype=float32."""
+    source = os.path.join(FIXTURES, fixture)
+    ckpt, hf = str(tmp_path / "ckpt"), str(tmp_path / "hf")
+    save = ["--save_dtype=float32"] if fixture.endswith("f32") else []
+    convert(source, ckpt, *save)
+    export(ckpt, hf, "--weight_dtype=float32")
+    with open(os.path.join(source, "config.json")) as f:
+        config = json.load(f)
+    expected = expected_hf_tensors(os.path.join(ckpt, "0", "items"), config, True, "float32")
+    written = read_model(hf)
+    if config["model_type"] == "gemma3":
+        expected = {_transformers_name(k): v for k, v in expected.items()}
+    assert sorted(written) == sorted(expected)
+    for key, value in expected.items():
+        assert_bitwise_equal(written[key], value, key)

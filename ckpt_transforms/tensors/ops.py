@@ -244,7 +244,10 @@ def _scaled_in_float32(x: np.ndarray, factor: np.float32, divide: bool = False) 
     """`x * factor` (or `x / factor`) computed in float32, rounded once back to x's dtype; one
     float32 temporary, scaled in place (a slab-sized allocation less than `x.astype(...) * f`)."""
     y = x.astype(np.float32)
-    (np.divide if divide else np.multiply)(y, factor, out=y)
+    # A division by a constant is what MaxText's export hooks write, and XLA compiles it into a
+    # multiplication by the float32 reciprocal: 1 ulp away from a true division in 27-40% of
+    # float32 Gemma embedding values (after rounding to bf16 the two always agree).
+    np.multiply(y, np.float32(1) / factor if divide else factor, out=y)
     return y.astype(x.dtype, copy=False)
 
 

@@ -469,6 +469,15 @@ def run_to_huggingface(family: Family, items: str, out: str, scan_layers: bool, 
     return out
 
 
+def run_ckptbeam_export(items: str, out: str, weight_dtype: str) -> str:
+    """ckptbeam's CLI exporting a checkpoint (this worktree's code); returns the HF directory."""
+    cmd = [sys.executable, "-m", "pipelines.cli", "export", "--source", items, "--output", out]
+    cmd += ["--weight_dtype", weight_dtype, "--force"]
+    env = dict(os.environ) | {"PYTHONPATH": ROOT}
+    _run(cmd, out + ".log", env=env, cwd=ROOT)
+    return out
+
+
 def run_ckptbeam_convert(family: Family, out: str, scan_layers: bool) -> str:
     """ckptbeam's CLI on the fixture (this worktree's code); returns the checkpoint's `0/items`."""
     cmd = [sys.executable, "-m", "pipelines.cli", "convert", "--source", family.path, "--output", out]
@@ -481,11 +490,12 @@ def run_ckptbeam_convert(family: Family, out: str, scan_layers: bool) -> str:
 
 def read_leaves(items: str) -> dict[str, np.ndarray]:
     """Every param leaf of an Orbax checkpoint, read with TensorStore (as Orbax reads it)."""
-    from ckpt_transforms.orbax_io.inspect import inspect_checkpoint, open_leaf, resolve_items_dir
+    from ckpt_transforms.orbax_io.inspect import inspect_checkpoint
+    from ckpt_transforms.orbax_io.reader import open_leaf, resolve_items_dir
 
     leaves, _ = inspect_checkpoint(items)
     items_dir = resolve_items_dir(items)
-    return {leaf.name: open_leaf(items_dir, leaf.name).read().result() for leaf in leaves}
+    return {leaf.name: open_leaf(items_dir, leaf.name, True, True).read().result() for leaf in leaves}
 
 
 # MaxText's to_maxtext saves what its hooks return in eager mode (`--lazy_load_tensors=false`:

@@ -120,3 +120,43 @@ def test_maxtext_to_huggingface_gives_back_the_fixture(name: str, peer_workdir: 
     extra = sorted(set(got) - set(want))
     _record(peer_workdir, check="to_huggingface", family=name, missing=missing, diffs=diffs, extra=extra)
     assert not diffs, diffs
+
+
+# ckptbeam writes Gemma3 under the names transformers' save_pretrained writes; MaxText under the
+# model.* spellings (transformers loads both).
+GEMMA3_NAMES = (
+    ("language_model.model.", "model.language_model."),
+    ("vision_tower.", "model.vision_tower.vision_model."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+)
+
+
+def _maxtext_name(key: str) -> str:
+    for ours, theirs in GEMMA3_NAMES:
+        if key.startswith(ours):
+            return theirs + key[len(ours) :]
+    return key
+
+
+@pytest.mark.parametrize("scan", SCANS)
+@pytest.mark.parametrize("name", sorted(peer.FAMILIES))
+def test_ckptbeam_export_equals_maxtext_to_huggingface(name: str, scan: bool, peer_workdir: str) -> None:
+    """MaxText's to_huggingface and ckptbeam export on the same checkpoint, both at MaxText's
+    default weight_dtype (float32): every tensor bit for bit."""
+    import reference
+
+    family = peer.FAMILIES[name]
+    ours, _ = _checkpoints(name, scan, peer_workdir, with_maxtext=False)
+    tag = f"{name}-{'scan' if scan else 'unscan'}"
+    theirs = peer.run_to_huggingface(family, ours, os.path.join(peer_workdir, tag + "-mt-hf"), scan, peer_workdir)
+    mine = peer.run_ckptbeam_export(ours, os.path.join(peer_workdir, tag + "-cb-hf"), "float32")
+    got = {_maxtext_name(k): v for k, v in reference.load_tensors(mine).items()}
+    want = reference.load_tensors(theirs)
+    diffs = [
+        k
+        for k in sorted(set(want) & set(got))
+        if got[k].shape != want[k].shape or got[k].dtype != want[k].dtype or got[k].tobytes() != want[k].tobytes()
+    ]
+    only = sorted(set(want) ^ set(got))
+    _record(peer_workdir, check="export_vs_to_huggingface", family=name, scan=scan, diffs=diffs, only_one_side=only)
+    assert not diffs and not only, {"differ": diffs[:10], "only one side": only[:10]}

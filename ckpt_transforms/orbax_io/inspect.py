@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass
 
-import numpy as np
-
-from ckpt_transforms.orbax_io.reader import chunk_shape, open_leaf, read_tree_metadata, resolve_items_dir, tree_leaves
+from ckpt_transforms.orbax_io.reader import (
+    LeafMeta,
+    chunk_shape,
+    open_leaf,
+    read_tree_metadata,
+    resolve_items_dir,
+    tree_leaves,
+)
 from ckpt_transforms.storage import outdir
 
-
-@dataclass(frozen=True)
-class LeafInfo:
-    name: str
-    value_type: str
-    shape: tuple[int, ...]
-    dtype: str
-    chunk_shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+# One leaf as listed (`name` is the on-disk name here; `step` included).
+LeafInfo = LeafMeta
 
 
 def inspect_checkpoint(path: str) -> tuple[list[LeafInfo], int | None]:
@@ -34,7 +27,8 @@ def inspect_checkpoint(path: str) -> tuple[list[LeafInfo], int | None]:
     leaves = []
     for name, value_type in tree_leaves(meta):
         store = open_leaf(items_dir, name, use_ocdbt, use_zarr3)
-        leaves.append(LeafInfo(name, value_type, tuple(store.shape), str(store.dtype.numpy_dtype), chunk_shape(store)))
+        dtype = str(store.dtype.numpy_dtype)
+        leaves.append(LeafMeta(name, name, tuple(store.shape), dtype, chunk_shape(store), value_type))
     if outdir.is_gcs(items_dir):
         return leaves, None
     disk = sum(os.path.getsize(os.path.join(r, f)) for r, _, files in os.walk(items_dir) for f in files)

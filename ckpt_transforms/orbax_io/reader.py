@@ -46,6 +46,7 @@ class LeafMeta:
     shape: tuple[int, ...]
     dtype: str
     chunk_shape: tuple[int, ...]
+    value_type: str = "np.ndarray"  # as _METADATA records it
 
     @property
     def nbytes(self) -> int:
@@ -195,7 +196,7 @@ def load_checkpoint(path: str, context: ts.Context | None = None) -> Checkpoint:
         raise CheckpointError(f"{items_dir}: _METADATA says OCDBT but there is no manifest.ocdbt (not merged?)")
     context = context or read_context()
     leaves: dict[str, LeafMeta] = {}
-    for disk_name, _ in tree_leaves(meta):
+    for disk_name, value_type in tree_leaves(meta):
         name = canonical_name(disk_name)
         if name is None:
             continue
@@ -204,9 +205,8 @@ def load_checkpoint(path: str, context: ts.Context | None = None) -> Checkpoint:
                 f"{items_dir}: leaves {leaves[name].disk_name!r} and {disk_name!r} are the same param"
             )
         store = open_leaf(items_dir, disk_name, use_ocdbt, use_zarr3, context)
-        leaves[name] = LeafMeta(
-            name, disk_name, tuple(store.shape), np.dtype(store.dtype.numpy_dtype).name, chunk_shape(store)
-        )
+        dtype = np.dtype(store.dtype.numpy_dtype).name
+        leaves[name] = LeafMeta(name, disk_name, tuple(store.shape), dtype, chunk_shape(store), value_type)
     if not leaves:
         raise CheckpointError(f"{items_dir}: {METADATA_FILE} lists no model parameters")
     custom = _read_json(outdir.join(step_dir_of(items_dir), CHECKPOINT_METADATA_FILE), CHECKPOINT_METADATA_FILE) or {}

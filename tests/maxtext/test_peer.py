@@ -131,6 +131,15 @@ GEMMA3_NAMES = (
 )
 
 
+# Families MaxText's to_huggingface cannot export (its defects; ckptbeam exports them and
+# tests/test_export.py checks them against the oracle, i.e. the inverse of to_maxtext).
+NO_TO_HUGGINGFACE = {
+    "qwen3_next": "MaxText's QWEN3_NEXT_HF_WEIGHTS_TO_SHAPE returns nothing: its export always fails",
+    "olmo3": "MaxText has no HF_SHAPE entry for olmo3: its export fails ('Mappings not found')",
+    "mistral": "MaxText has no mistral mapping (the fixture runs as llama3.1, which de-interleaves q/k)",
+}
+
+
 def _maxtext_name(key: str) -> str:
     for ours, theirs in GEMMA3_NAMES:
         if key.startswith(ours):
@@ -146,6 +155,8 @@ def test_ckptbeam_export_equals_maxtext_to_huggingface(name: str, scan: bool, pe
     import reference
 
     family = peer.FAMILIES[name]
+    if name in NO_TO_HUGGINGFACE:
+        pytest.skip(NO_TO_HUGGINGFACE[name])
     ours, _ = _checkpoints(name, scan, peer_workdir, with_maxtext=False)
     tag = f"{name}-{'scan' if scan else 'unscan'}"
     theirs = peer.run_to_huggingface(family, ours, os.path.join(peer_workdir, tag + "-mt-hf"), scan, peer_workdir)

@@ -137,6 +137,10 @@ NO_TO_HUGGINGFACE = {
     "qwen3_next": "MaxText's QWEN3_NEXT_HF_WEIGHTS_TO_SHAPE returns nothing: its export always fails",
     "olmo3": "MaxText has no HF_SHAPE entry for olmo3: its export fails ('Mappings not found')",
     "mistral": "MaxText has no mistral mapping (the fixture runs as llama3.1, which de-interleaves q/k)",
+    "mixtral": "MaxText's mixtral export assumes head_dim == hidden/heads (the fixture's is not): reshape fails",
+    # Not a MaxText defect but a config need this harness does not meet yet: its qwen2 export reads
+    # q/k/v biases only when the HF config says attention_bias=true (its own table sets it).
+    "qwen2": "MaxText's qwen2 export needs attention_bias=true in the HF config (fixture configs omit it)",
 }
 
 

@@ -48,6 +48,7 @@ from common import (  # noqa: E402
     maxtext_command,
     maxtext_commit,
     maxtext_elapsed,
+    print_peer_table,
     timed_with_load,
 )
 
@@ -128,29 +129,7 @@ def main() -> None:
         if not a.keep:
             shutil.rmtree(d, ignore_errors=True)
 
-    print(f"load after: {os.getloadavg()[0]:.2f} (1-min average)")
-    print()
-    head = (
-        f"{'layers':>6} {'model GB':>8} | {'MaxText s':>9} {'RSS MiB':>8} | {'ckptbeam s':>10} {'RSS MiB':>8} | "
-        f"{'wall ratio':>10} {'RSS ratio':>9} | same values | other load (cores) MaxText/ckptbeam"
-    )
-    print(head)
-    print("-" * len(head))
-    for layers, total, mt_wall, mt_rss, cb_wall, cb_rss, same, mt_other, cb_other in rows:
-        print(
-            f"{layers:>6} {total / 1e9:>8.2f} | {mt_wall:>9.1f} {mt_rss / 2**20:>8.0f} | {cb_wall:>10.1f} "
-            f"{cb_rss / 2**20:>8.0f} | {cb_wall / mt_wall:>10.2f} {cb_rss / mt_rss:>9.2f} | {same:<11} | "
-            f"{mt_other:.2f} / {cb_other:.2f}"
-        )
-    if len(rows) > 1:
-        first, last = rows[0], rows[-1]
-        print(
-            f"peak RSS growth {first[0]} -> {last[0]} layers (model {last[1] / first[1]:.1f}x): "
-            f"MaxText {last[3] / first[3]:.2f}x (+{(last[3] - first[3]) / 2**20:.0f} MiB), "
-            f"ckptbeam {last[5] / first[5]:.2f}x (+{(last[5] - first[5]) / 2**20:.0f} MiB)"
-        )
-    print("ratios are ckptbeam / MaxText; goal: wall ratio <= 1, RSS ratio < 0.5, ckptbeam's RSS flat")
-    print(f"other load: mean cores busy with anything else during each timed run ({os.cpu_count()} cores here)")
+    print_peer_table(rows, "same values", "wall ratio <= 1, RSS ratio < 0.5, ckptbeam's RSS flat")
     if not a.keep:
         shutil.rmtree(a.workdir, ignore_errors=True)
 

@@ -298,3 +298,31 @@ def compare_hf_dirs(a_dir: str, b_dir: str, a_name: str, b_name: str, limit: int
 def _header_len(model_dir: str, name: str) -> int:
     with open(os.path.join(model_dir, name), "rb") as f:
         return struct.unpack("<Q", f.read(8))[0]
+
+
+def print_peer_table(rows: list[tuple], same_header: str, goal: str) -> None:
+    """The ckptbeam-vs-MaxText results table shared by bench_maxtext.py and bench_maxtext_export.py:
+    rows of (layers, model bytes, MaxText wall, RSS, ckptbeam wall, RSS, same, other loads)."""
+    print(f"load after: {os.getloadavg()[0]:.2f} (1-min average)")
+    print()
+    head = (
+        f"{'layers':>6} {'model GB':>8} | {'MaxText s':>9} {'RSS MiB':>8} | {'ckptbeam s':>10} {'RSS MiB':>8} | "
+        f"{'wall ratio':>10} {'RSS ratio':>9} | {same_header} | other load (cores) MaxText/ckptbeam"
+    )
+    print(head)
+    print("-" * len(head))
+    for layers, total, mt_wall, mt_rss, cb_wall, cb_rss, same, mt_other, cb_other in rows:
+        print(
+            f"{layers:>6} {total / 1e9:>8.2f} | {mt_wall:>9.1f} {mt_rss / 2**20:>8.0f} | {cb_wall:>10.1f} "
+            f"{cb_rss / 2**20:>8.0f} | {cb_wall / mt_wall:>10.2f} {cb_rss / mt_rss:>9.2f} | "
+            f"{same:<{len(same_header)}} | {mt_other:.2f} / {cb_other:.2f}"
+        )
+    if len(rows) > 1:
+        first, last = rows[0], rows[-1]
+        print(
+            f"peak RSS growth {first[0]} -> {last[0]} layers (model {last[1] / first[1]:.1f}x): "
+            f"MaxText {last[3] / first[3]:.2f}x (+{(last[3] - first[3]) / 2**20:.0f} MiB), "
+            f"ckptbeam {last[5] / first[5]:.2f}x (+{(last[5] - first[5]) / 2**20:.0f} MiB)"
+        )
+    print(f"ratios are ckptbeam / MaxText; goal: {goal}")
+    print(f"other load: mean cores busy with anything else during each timed run ({os.cpu_count()} cores here)")

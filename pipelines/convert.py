@@ -25,10 +25,11 @@ from ckpt_transforms.storage.hf_side_files import CONFIG, keep_with_checkpoint, 
 from ckpt_transforms.storage.provenance import PROVENANCE_FILE, differences, provenance_record
 from ckpt_transforms.storage.sources import ByteSource, open_source
 from pipelines.graph import METRICS_NAMESPACE, ConvertWorkItem, build_pipeline
-from pipelines.options import ConvertOptions, parse_only, str2bool
+from pipelines.options import ConvertOptions, beam_option_names, parse_only, str2bool, unrecognized_argument
 from pipelines.progress import ProgressMonitor
 
 log = logging.getLogger("ckptbeam")
+BOOL_WORDS = ("1", "0", "true", "false", "yes", "no", "y", "n", "t", "f")
 
 
 def make_plan(
@@ -197,7 +198,7 @@ def normalize_argv(argv: list[str]) -> list[str]:
     """
     out = []
     for i, a in enumerate(argv):
-        bare = a == "--dry_run" and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
+        bare = a == "--dry_run" and (i + 1 == len(argv) or argv[i + 1].lower() not in BOOL_WORDS)
         out.append("--dry_run=true" if bare else a)
     runner = _flag_value(out, "--runner")
     if runner is None:
@@ -221,6 +222,12 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
 def run(argv: list[str] | None = None, convert_fn: type[ConvertWorkItem] = ConvertWorkItem) -> dict:
     """Plan, run and commit one conversion; returns the summary (also printed)."""
     argv = normalize_argv(list(sys.argv[1:] if argv is None else argv))
+    problem = unrecognized_argument(argv, beam_option_names())
+    if problem:
+        # Beam would only warn and drop it: a typo or a MaxText-style scan_layers=false must not
+        # silently give the default conversion.
+        print(f"ckptbeam convert: error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     options = PipelineOptions(argv)
     opts = options.view_as(ConvertOptions)
     if not opts.source or not opts.output:

@@ -270,19 +270,27 @@ def beam_option_names() -> set[str]:
     return {o for o in parser._option_string_actions if o.startswith("--")}
 
 
+def unrecognized_argument(argv: list[str], known: set[str]) -> str | None:
+    """Why some argument in `argv` is neither one of `known` flags nor the value of one (None if
+    all are fine): a typo, or a MaxText-style `key=value`, would otherwise be dropped silently."""
+    import difflib
+
+    for i, a in enumerate(argv):
+        name = a.split("=", 1)[0]
+        if a.startswith("--") and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            return f"unrecognized argument {a!r}" + (f" (did you mean {close[0]}?)" if close else "")
+        if not a.startswith("--") and (i == 0 or not argv[i - 1].startswith("--") or "=" in argv[i - 1]):
+            return f"unrecognized argument {a!r} (options are spelled --name value or --name=value)"
+    return None
+
+
 def split_export_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """(our export options, the Beam pipeline flags); any other argument is an error (exit 2)."""
     parser = argparse.ArgumentParser(prog="ckptbeam export", allow_abbrev=False)
     add_export_args(parser)
     args, rest = parser.parse_known_args(argv)
-    known = beam_option_names()
-    for a in rest:
-        name = a.split("=", 1)[0]
-        if a.startswith("--") and name not in known:
-            import difflib
-
-            close = difflib.get_close_matches(name, sorted(known | {o for o in parser._option_string_actions}), n=1)
-            parser.error(f"unrecognized argument {a!r}" + (f" (did you mean {close[0]}?)" if close else ""))
-        if not a.startswith("--") and (not rest or rest.index(a) == 0 or not rest[rest.index(a) - 1].startswith("--")):
-            parser.error(f"unrecognized argument {a!r} (options are spelled --name value)")
+    problem = unrecognized_argument(rest, beam_option_names() | set(parser._option_string_actions))
+    if problem:
+        parser.error(problem)
     return args, rest

@@ -87,3 +87,18 @@ def test_bad_source_is_a_clear_error(tmp_path):
     assert result.returncode == 1
     assert "config.json not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_convert_refuses_arguments_it_would_otherwise_ignore(tmp_path):
+    """A typo or a MaxText-style key=value must not silently give the default conversion."""
+    source = os.path.join(FIXTURES, "llama_bf16")
+    for args, hint in [
+        (["scan_layers=false"], "--name value"),
+        (["--scan-layers", "false"], "did you mean --scan_layers"),
+        (["--model_name", "llama3.1-8b"], "unrecognized argument '--model_name'"),
+    ]:
+        out = tmp_path / "o"
+        result = _ckptbeam("convert", "--source", source, "--output", str(out), *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert hint in result.stderr and "Traceback" not in result.stderr
+        assert not out.exists()

@@ -6,6 +6,7 @@ import argparse
 import gc
 import logging
 import os
+import signal
 import sys
 import tempfile
 
@@ -106,12 +107,18 @@ def _demo(argv: list[str]) -> int:
 COMMANDS = {"convert": _convert, "export": _export, "inspect": _inspect, "plan": _plan, "demo": _demo}
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGTERM (a cancelled job, `kill`) unwinds like an error: staging removed, lease released.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     for noisy in ("apache_beam", "absl", "jax", "root"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -17,10 +17,11 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
 import model_maps
+from ckpt_transforms import faults
 from ckpt_transforms.orbax_io import writer as orbax_writer
 from ckpt_transforms.planning.convert_plan import Plan, build_plan, item_working_bytes
 from ckpt_transforms.safetensors_io.index import SourceModel, load_source_model
-from ckpt_transforms.storage import outdir
+from ckpt_transforms.storage import lease, outdir
 from ckpt_transforms.storage.hf_side_files import CONFIG, keep_with_checkpoint, read_side_files
 from ckpt_transforms.storage.provenance import PROVENANCE_FILE, differences, provenance_record
 from ckpt_transforms.storage.sources import ByteSource, open_source
@@ -100,6 +101,7 @@ def _existing_checkpoint(output: str, provenance: dict, force: bool) -> tuple[bo
             outdir.join(final, "items", orbax_writer.COMMIT_FILE),
         ):
             outdir.remove_file(marker)
+        faults.point("force_delete")
         outdir.remove_tree(final)
         return False, reasons
     return True, reasons
@@ -244,8 +246,15 @@ def run(argv: list[str] | None = None, convert_fn: type[ConvertWorkItem] = Conve
         print(
             f"  known extras    {len(plan.unused_source_keys)} source tensor(s) not converted, e.g. {plan.unused_source_keys[0]}"
         )
+    faults.point("plan")
     if str2bool(str(options.view_as(TestOptions).dry_run)):
         return summary
+    with lease.hold(output, "convert"):  # one run per output, from here to the end
+        return _convert_locked(options, opts, output, source, model, plan, provenance, summary, started, convert_fn)
+
+
+def _convert_locked(options, opts, output, source, model, plan, provenance, summary, started, convert_fn) -> dict:
+    """The part of `run` that reads and writes at OUTPUT, under its lease."""
     replace, reasons = _existing_checkpoint(output, provenance, opts.force)
     if not reasons:
         print(f"ckptbeam: {orbax_writer.final_step_dir(output)} is up to date (same inputs and options); nothing to do")

@@ -19,12 +19,13 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 import model_maps
+from ckpt_transforms import faults
 from ckpt_transforms.orbax_io.reader import Checkpoint, load_checkpoint, step_dir_of
 from ckpt_transforms.planning.convert_plan import PlanError
 from ckpt_transforms.planning.export_plan import ExportPlan, build_export_plan
 from ckpt_transforms.planning.specs import expand_targets
 from ckpt_transforms.safetensors_io.writer import create_shards
-from ckpt_transforms.storage import outdir
+from ckpt_transforms.storage import lease, outdir
 from ckpt_transforms.storage.hf_side_files import (
     CONFIG,
     kept_files,
@@ -36,6 +37,7 @@ from pipelines.export_graph import (
     DONE_DIR,
     EXPORT_PROVENANCE_FILE,
     METRICS_NAMESPACE,
+    OLD_INFIX,
     PUBLISHING_MARK,
     build_export_pipeline,
     count_done,
@@ -199,12 +201,12 @@ def _existing_output(output: str, provenance: dict, force: bool) -> tuple[bool, 
     return False, True
 
 
-def _stale_staging(output: str) -> list[str]:
+def _stale_staging(output: str, infix: str = STAGING_INFIX) -> list[str]:
     if outdir.is_gcs(output):
         parent, name = output.rstrip("/").rsplit("/", 1)
-        return [outdir.join(parent, c) for c in outdir.list_children(parent, prefix=name + STAGING_INFIX)]
+        return [outdir.join(parent, c) for c in outdir.list_children(parent, prefix=name + infix)]
     parent, name = os.path.split(output.rstrip("/"))
-    prefix = name + STAGING_INFIX
+    prefix = name + infix
     return (
         [os.path.join(parent, e) for e in os.listdir(parent or ".") if e.startswith(prefix)]
         if os.path.isdir(parent or ".")
@@ -224,12 +226,21 @@ def run(argv: list[str]) -> dict:
     plan, checkpoint, side, provenance = make_export_plan(args)
     summary = plan.summary()
     print(f"ckptbeam export plan for {checkpoint.items_dir}:\n{format_export_summary(summary)}", flush=True)
+    faults.point("plan")
     if args.dry_run:
         return summary
+    with lease.hold(output, "export"):  # one run per output, from here to the end
+        return _export_locked(args, beam_argv, output, plan, checkpoint, side, provenance, summary, started)
+
+
+def _export_locked(args, beam_argv, output, plan, checkpoint, side, provenance, summary, started) -> dict:
+    """The part of `run` that reads and writes at OUTPUT, under its lease."""
     up_to_date, replace = _existing_output(output, provenance, args.force)
     if up_to_date:
         print(f"ckptbeam: {output} is up to date (same checkpoint and options); nothing to do")
         return {**summary, "up_to_date": True}
+    if not outdir.is_gcs(output):  # a crash between the two renames of a swap: the old model back first
+        outdir.restore_aside(output, _stale_staging(output, OLD_INFIX))
     for stale in _stale_staging(output):
         log.info("removing leftovers of an earlier unfinished export: %s", stale)
         outdir.remove_tree(stale)

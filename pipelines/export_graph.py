@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from ckpt_transforms import faults
 from ckpt_transforms.orbax_io.reader import Checkpoint, CheckpointError, read_context
 from ckpt_transforms.planning.export_plan import ExportItem, ExportPlan
 from ckpt_transforms.safetensors_io.layout import INDEX_FILE, ShardLayout, index_json
@@ -45,6 +46,7 @@ EXPORT_PROVENANCE_FILE = "ckptbeam_export.json"
 # gs:// only: written to the staging prefix once the finalize step starts writing at OUT/, so a
 # failed run knows the final objects it has to remove (before it, OUT/ is untouched).
 PUBLISHING_MARK = ".ckptbeam_publishing"
+OLD_INFIX = ".ckptbeam-old-"  # a replaced export renamed aside (only where no atomic exchange exists)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class ExportWorkItem(beam.DoFn):
         self.bytes_read.inc(item.bytes_read)
         self.bytes_written.inc(written)
         mark_done(self.staging_dir, item.item_id)
+        faults.point("item")
         log.debug(
             "export item %d/%d done: %s in %.2f s", item.item_id + 1, self.total, item.label, time.time() - started
         )
@@ -132,6 +135,7 @@ class FinalizeExport(beam.DoFn):
                 f.write(data)
                 os.fsync(f.fileno())
         _remove_tree(os.path.join(self.staging_dir, DONE_DIR))
+        faults.point("stitch")
         yield publish_dir(self.staging_dir, self.output, self.replace)
 
     def _files(self) -> dict[str, bytes]:
@@ -210,6 +214,7 @@ def publish_gcs(staging: str, output: str, shards: list[ShardLayout], files: dic
         outdir.remove_file(outdir.join(output, EXPORT_PROVENANCE_FILE))
     outdir.write_bytes(outdir.join(staging, PUBLISHING_MARK), b"")
     if replace:
+        faults.point("force_delete")
         outdir.remove_tree(output)
     stats = compose_shards(staging, output, shards, parts)
     last = EXPORT_PROVENANCE_FILE
@@ -236,16 +241,15 @@ def _remove_tree(path: str) -> None:
 
 def publish_dir(staging: str, output: str, replace: bool) -> str:
     """Rename the finished staging directory into place. An existing output (only with
-    `replace`) is renamed aside first and deleted last, so a reader sees the old model or the new
-    one, never a mix."""
+    `replace`) swaps places with it (`outdir.swap_in`) and is deleted last, so a reader sees the
+    old model or the new one, never a mix."""
     if os.path.isdir(output) and not os.listdir(output):
         os.rmdir(output)  # an empty directory holds nothing to keep
     if os.path.exists(output):
         if not replace:
             raise FileExistsError(f"{output} exists; not replacing it")
-        old = f"{output}.ckptbeam-old-{int(time.time() * 1000)}"
-        os.rename(output, old)
-        os.rename(staging, output)
+        old = outdir.swap_in(staging, output, f"{output}{OLD_INFIX}{int(time.time() * 1000)}")
+        faults.point("swap")
         _remove_tree(old)
     else:
         os.rename(staging, output)

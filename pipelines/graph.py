@@ -20,6 +20,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
+from ckpt_transforms import faults
 from ckpt_transforms.orbax_io import writer as orbax_writer
 from ckpt_transforms.planning.convert_plan import DEFAULT_MAX_ITEM_BYTES, ArrayPlan, Plan, WorkItem, item_working_bytes
 from ckpt_transforms.storage import outdir
@@ -161,6 +162,7 @@ class ConvertWorkItem(beam.DoFn):
             item.bytes_written / 1e6,
             elapsed,
         )
+        faults.point("item")
         return WrittenRecord(item.item_id, flight.db_id, item.bytes_written)
 
     def process(self, item):
@@ -213,6 +215,7 @@ class StitchAndCommit(beam.DoFn):
             )
         items_dir = os.path.join(self.staging_dir, "items")
         stats = orbax_writer.stitch(items_dir, [r.db_id for r in by_item.values()], self.arrays, self.layout)
+        faults.point("stitch")
         if self.provenance is not None:
             outdir.write_text(outdir.join(self.staging_dir, PROVENANCE_FILE), json.dumps(self.provenance, indent=1))
         orbax_writer.commit_step(self.staging_dir, self.custom)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import json
 import os
 import platform
 import socket
@@ -21,6 +22,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -141,16 +143,35 @@ class FaultProxy:
                 status = proxy.fault(self.command, self.path, self.headers) if proxy.fault else None
                 if status is None and proxy.body_fault:
                     status = proxy.body_fault(self.command, self.path, self.headers, body)
-                if status is not None:
-                    with proxy.lock:
-                        proxy.failed.append((self.command, self.path, status))
-                    payload = b'{"error": {"code": %d, "message": "injected by FaultProxy"}}' % status
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
+                conditional = (
+                    status is None
+                    and proxy.enforce_preconditions
+                    and self.command in ("POST", "DELETE")
+                    and _generation_condition(self.path)
+                )
+                if conditional:
+                    with proxy.precondition_lock:  # check and write as one step, as GCS does
+                        if proxy._generation_of(self.path) != conditional[1]:
+                            self._answer(412)
+                            return
+                        self._forward(body)
                     return
+                if status is not None:
+                    self._answer(status)
+                    return
+                self._forward(body)
+
+            def _answer(self, status: int) -> None:
+                with proxy.lock:
+                    proxy.failed.append((self.command, self.path, status))
+                payload = b'{"error": {"code": %d, "message": "injected by FaultProxy"}}' % status
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def _forward(self, body: bytes | None) -> None:
                 with proxy.lock:
                     proxy.forwarded.append((self.command, self.path, self.headers.get("Range")))
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
@@ -172,12 +193,49 @@ class FaultProxy:
 
             do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
 
+        # fake-gcs-server ignores ifGenerationMatch on simple (uploadType=media) uploads and on
+        # deletes, which TensorStore sends; with this set the proxy enforces it for them.
+        self.enforce_preconditions = False
+        self.precondition_lock = threading.Lock()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, name="gcs-fault-proxy", daemon=True)
         self._thread.start()
 
+    def _generation_of(self, path: str) -> int:
+        """The object's current generation upstream (0: absent), from the request's bucket/name."""
+        bucket, name = _object_of(path)
+        url = f"http://{self.upstream}/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                return int(json.loads(resp.read())["generation"])
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return 0
+            raise
+
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _generation_condition(path: str) -> tuple[str, int] | None:
+    """(method kind, generation) of a simple upload or delete carrying ifGenerationMatch, else None."""
+    parsed = urllib.parse.urlsplit(path)
+    query = urllib.parse.parse_qs(parsed.query)
+    if "ifGenerationMatch" not in query:
+        return None
+    if parsed.path.startswith("/upload/") and query.get("uploadType") == ["media"]:
+        return "upload", int(query["ifGenerationMatch"][0])
+    if "/o/" in parsed.path and not parsed.path.startswith("/upload/"):
+        return "object", int(query["ifGenerationMatch"][0])
+    return None
+
+
+def _object_of(path: str) -> tuple[str, str]:
+    parsed = urllib.parse.urlsplit(path)
+    bucket = parsed.path.split("/b/", 1)[1].split("/", 1)[0]
+    if parsed.path.startswith("/upload/"):
+        return bucket, urllib.parse.parse_qs(parsed.query)["name"][0]
+    return bucket, urllib.parse.unquote(parsed.path.split("/o/", 1)[1])

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorstore as ts
 
+from ckpt_transforms import faults
 from ckpt_transforms.planning.convert_plan import ArrayPlan, WorkItem
 from ckpt_transforms.storage import outdir
 from ckpt_transforms.tensors import dtypes
@@ -343,6 +344,7 @@ STEP_DIR = "0"
 TMP_MARK = ".orbax-checkpoint-tmp-"
 COMMIT_FILE = "commit_success.txt"
 IN_PROGRESS_MARK = "_CKPTBEAM_IN_PROGRESS"
+REPLACED = "replaced-"  # infix of a replaced step renamed aside during a swap
 
 
 def final_step_dir(output: str) -> str:
@@ -371,6 +373,10 @@ def stale_staging_dirs(output: str) -> list[str]:
         return [final] if ours and not committed else []
     if not os.path.isdir(output):
         return []
+    # A crash between the two renames of a swap (file systems without an atomic exchange) left
+    # OUTPUT/0 missing and the old step renamed aside: put it back before clearing leftovers.
+    asides = outdir.list_children(output, STEP_DIR + TMP_MARK + REPLACED)
+    outdir.restore_aside(final_step_dir(output), [os.path.join(output, a) for a in asides])
     return sorted(os.path.join(output, e) for e in os.listdir(output) if e.startswith(STEP_DIR + TMP_MARK))
 
 
@@ -403,23 +409,24 @@ def discard_staging(staging_dir: str) -> bool:
 def publish(staging_dir: str, output: str, replace: bool = False) -> str:
     """Make the staged step visible as OUTPUT/0: one atomic rename locally.
 
-    With `replace`, a committed OUTPUT/0 is first renamed aside (to a temporary-step name, so it
-    is cleared like any leftover) and removed after the new step is in place: a reader sees the
-    old checkpoint or the new one, never a mix. On GCS the step was written in place and
+    With `replace`, the new step and a committed OUTPUT/0 swap places in one atomic exchange (or,
+    where the file system cannot, two renames via a temporary-step name) and the old one, now at a
+    temporary-step name cleared like any leftover, is removed last: a reader sees the old
+    checkpoint or the new one, never a mix. On GCS the step was written in place and
     `commit_step` already wrote the commit markers last.
     """
     final = final_step_dir(output)
     if outdir.is_gcs(output):
         return final
-    retired = None
-    if os.path.exists(final):
-        if not replace:
-            raise FileExistsError(f"{final} appeared while converting; the new checkpoint stays in {staging_dir}")
-        retired = os.path.join(output, f"{STEP_DIR}{TMP_MARK}replaced-{time.time_ns()}")
-        os.rename(final, retired)
-    os.rename(staging_dir, final)
-    if retired:
-        shutil.rmtree(retired, ignore_errors=True)
+    if not os.path.exists(final):
+        os.rename(staging_dir, final)
+        return final
+    if not replace:
+        raise FileExistsError(f"{final} appeared while converting; the new checkpoint stays in {staging_dir}")
+    aside = os.path.join(output, f"{STEP_DIR}{TMP_MARK}{REPLACED}{time.time_ns()}")
+    retired = outdir.swap_in(staging_dir, final, aside)
+    faults.point("swap")
+    shutil.rmtree(retired, ignore_errors=True)
     return final
 
 

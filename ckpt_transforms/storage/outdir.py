@@ -213,3 +213,42 @@ def make_dirs(directory: str) -> None:
     """Create a local directory tree; GCS has no directories, so nothing to do there."""
     if not is_gcs(directory):
         os.makedirs(directory)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two local paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where
+    the platform or file system cannot."""
+    import ctypes
+    import errno
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), a)
+
+
+def swap_in(staging: str, final: str, aside: str) -> str:
+    """Put local directory `staging` where the existing `final` is; returns where the old one now
+    is (the caller deletes it). One atomic exchange where the file system can (a reader or a crash
+    sees the old directory or the new one); else two renames, `final` -> `aside` first, and a
+    crash between them leaves `final` missing with the old one at `aside` (see `restore_aside`)."""
+    if _exchange(staging, final):
+        return staging
+    os.rename(final, aside)
+    os.rename(staging, final)
+    return aside
+
+
+def restore_aside(final: str, asides: list[str]) -> None:
+    """After a crash between the two renames of `swap_in`: put the old directory back."""
+    if asides and not os.path.exists(final):
+        os.rename(sorted(asides)[-1], final)

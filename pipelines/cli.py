@@ -107,8 +107,12 @@ def _demo(argv: list[str]) -> int:
 COMMANDS = {"convert": _convert, "export": _export, "inspect": _inspect, "plan": _plan, "demo": _demo}
 
 
+_TERMINATED: list[int] = []
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+    _TERMINATED.append(signum)
+    raise SystemExit(128 + signum)  # Beam may wrap it in its own error on the way up: see main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"ckptbeam {argv[0]}: error: {e}", file=sys.stderr)
         return 1
+    except BaseException:
+        if not _TERMINATED:
+            raise
+        print(f"ckptbeam {argv[0]}: stopped by SIGTERM; its unfinished output was removed", file=sys.stderr)
+        return 128 + _TERMINATED[0]
 
 
 if __name__ == "__main__":

@@ -95,7 +95,10 @@ def _existing_checkpoint(output: str, provenance: dict, force: bool) -> tuple[bo
                 f"{final} was made from other inputs ({'; '.join(reasons)}); on gs:// it cannot be replaced "
                 "atomically: rerun with --force to delete and rewrite it"
             )
-        # Commit markers first: from then on readers see no checkpoint, never a half-deleted one.
+        # Marked as our unfinished run first, so a run killed while deleting leaves a step the
+        # next run clears; then the commit markers: from then on readers see no checkpoint, never
+        # a half-deleted one.
+        outdir.write_text(outdir.join(final, orbax_writer.IN_PROGRESS_MARK), "ckptbeam --force: replacing")
         for marker in (
             outdir.join(final, orbax_writer.COMMIT_FILE),
             outdir.join(final, "items", orbax_writer.COMMIT_FILE),

@@ -124,14 +124,17 @@ def gcs():
     emulator.stop()
 
 
-@pytest.fixture(scope="module")
-def bucket(gcs):
+def create_bucket(emulator_url: str, name: str) -> None:
     import urllib.request
 
-    body = json.dumps({"name": "leases"}).encode()
-    req = urllib.request.Request(f"{gcs.url}/storage/v1/b", data=body, method="POST")
+    req = urllib.request.Request(f"{emulator_url}/storage/v1/b", data=json.dumps({"name": name}).encode())
     req.add_header("Content-Type", "application/json")
     urllib.request.urlopen(req).read()
+
+
+@pytest.fixture(scope="module")
+def bucket(gcs):
+    create_bucket(gcs.url, "leases")
     return "gs://leases"
 
 

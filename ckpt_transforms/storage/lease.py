@@ -41,6 +41,7 @@ LEASE_SUFFIX = ".ckptbeam-lease"
 BUCKET_ROOT_LEASE = ".ckptbeam-lease"  # gs://BUCKET as the output: no "beside" exists
 EXPIRY_ENV = "CKPTBEAM_LEASE_EXPIRY_S"
 DEFAULT_EXPIRY_S = 600.0
+MIN_HEARTBEAT_S = 0.05  # tests shorten the expiry; never a busy loop
 _LOST = b""  # TensorStore's "unknown" generation: a conditional write whose condition failed
 
 
@@ -181,7 +182,7 @@ class GcsLease:
         self._thread.start()
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.expiry / 4):
+        while not self._stop.wait(max(self.expiry / 4, MIN_HEARTBEAT_S)):
             self.record["heartbeat"] = time.time()
             try:
                 written = self._kv.write(self._name, _encode(self.record), if_equal=self._generation).result()

@@ -258,6 +258,7 @@ def run(argv: list[str] | None = None, convert_fn: type[ConvertWorkItem] = Conve
 
 def _convert_locked(options, opts, output, source, model, plan, provenance, summary, started, convert_fn) -> dict:
     """The part of `run` that reads and writes at OUTPUT, under its lease."""
+    orbax_writer.restore_interrupted_swap(output)
     replace, reasons = _existing_checkpoint(output, provenance, opts.force)
     if not reasons:
         print(f"ckptbeam: {orbax_writer.final_step_dir(output)} is up to date (same inputs and options); nothing to do")

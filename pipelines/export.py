@@ -235,12 +235,12 @@ def run(argv: list[str]) -> dict:
 
 def _export_locked(args, beam_argv, output, plan, checkpoint, side, provenance, summary, started) -> dict:
     """The part of `run` that reads and writes at OUTPUT, under its lease."""
+    if not outdir.is_gcs(output):  # a crash between the two renames of a swap: the old model back first
+        outdir.restore_aside(output, _stale_staging(output, OLD_INFIX))
     up_to_date, replace = _existing_output(output, provenance, args.force)
     if up_to_date:
         print(f"ckptbeam: {output} is up to date (same checkpoint and options); nothing to do")
         return {**summary, "up_to_date": True}
-    if not outdir.is_gcs(output):  # a crash between the two renames of a swap: the old model back first
-        outdir.restore_aside(output, _stale_staging(output, OLD_INFIX))
     for stale in _stale_staging(output):
         log.info("removing leftovers of an earlier unfinished export: %s", stale)
         outdir.remove_tree(stale)

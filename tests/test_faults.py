@@ -320,3 +320,45 @@ def test_gcs_force_killed_while_deleting_leaves_no_committed_mix(gcs, tmp_path, 
     monkeypatch.setenv(lease.EXPIRY_ENV, "0.05")  # its last heartbeat is older than that by now
     convert("gs://faults/hf", out, NEW)
     assert_matches_reference(download(out, str(tmp_path / "force")), MODEL, scan=False)
+
+
+# --- a swap interrupted where the file system has no atomic exchange ----------------------------
+
+
+def _die_between_renames(monkeypatch):
+    """No RENAME_EXCHANGE (e.g. NFS), and the process stops right after the first rename."""
+    real = os.rename
+
+    def first_rename_then_die(a, b):
+        real(a, b)
+        raise SystemExit("killed between the renames")
+
+    monkeypatch.setattr(outdir, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(outdir.os, "rename", first_rename_then_die)
+
+
+def test_convert_swap_interrupted_without_exchange_is_undone_by_next_run(out_dir, monkeypatch):
+    convert(MODEL, out_dir, OLD)
+    old = tree_hashes(os.path.join(out_dir, "0"))
+    with monkeypatch.context() as m:
+        _die_between_renames(m)
+        with pytest.raises(SystemExit):
+            convert(MODEL, out_dir, NEW)
+    assert "0" not in os.listdir(out_dir), "the window this fallback has: the next run closes it"
+    assert convert(MODEL, out_dir, OLD).get("up_to_date"), "the old checkpoint is back, unchanged"
+    assert tree_hashes(os.path.join(out_dir, "0")) == old
+
+
+def test_export_swap_interrupted_without_exchange_is_undone_by_next_run(tmp_path, checkpoint, monkeypatch):
+    from pipelines.export import run as export
+
+    hf = str(tmp_path / "hf")
+    export(["--source", checkpoint[0], "--output", hf])
+    old = tree_hashes(hf)
+    with monkeypatch.context() as m:
+        _die_between_renames(m)
+        with pytest.raises(SystemExit):
+            export(["--source", checkpoint[0], "--output", hf, "--weight_dtype=float32"])
+    assert not os.path.exists(hf)
+    assert export(["--source", checkpoint[0], "--output", hf]).get("up_to_date")
+    assert tree_hashes(hf) == old

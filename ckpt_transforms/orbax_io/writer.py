@@ -373,11 +373,15 @@ def stale_staging_dirs(output: str) -> list[str]:
         return [final] if ours and not committed else []
     if not os.path.isdir(output):
         return []
-    # A crash between the two renames of a swap (file systems without an atomic exchange) left
-    # OUTPUT/0 missing and the old step renamed aside: put it back before clearing leftovers.
-    asides = outdir.list_children(output, STEP_DIR + TMP_MARK + REPLACED)
-    outdir.restore_aside(final_step_dir(output), [os.path.join(output, a) for a in asides])
     return sorted(os.path.join(output, e) for e in os.listdir(output) if e.startswith(STEP_DIR + TMP_MARK))
+
+
+def restore_interrupted_swap(output: str) -> None:
+    """A crash between the two renames of a swap (file systems without an atomic exchange) left
+    OUTPUT/0 missing and the old step renamed aside: put it back, before anything looks at OUTPUT."""
+    if not outdir.is_gcs(output):
+        asides = outdir.list_children(output, STEP_DIR + TMP_MARK + REPLACED)
+        outdir.restore_aside(final_step_dir(output), [os.path.join(output, a) for a in asides])
 
 
 def existing_step_error(output: str) -> str | None:

@@ -287,7 +287,8 @@ def _convert_locked(options, opts, output, source, model, plan, provenance, summ
                 return {**summary, "submitted": True}
             result.wait_until_finish()
     except BaseException:
-        if orbax_writer.discard_staging(staging):
+        # A lost lease (gs://: taken over after missed heartbeats): OUT/0 is the other run's now.
+        if not lease.lost(output) and orbax_writer.discard_staging(staging):
             log.error("conversion failed; nothing was published at %s (staging %s removed)", output, staging)
         raise
     elapsed = time.time() - started

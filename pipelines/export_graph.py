@@ -36,7 +36,7 @@ from ckpt_transforms.safetensors_io.writer import (
     plan_segments,
     segment_bytes,
 )
-from ckpt_transforms.storage import outdir
+from ckpt_transforms.storage import lease, outdir
 from ckpt_transforms.work_items.export import LeafCache, run_export_item
 
 log = logging.getLogger("ckptbeam")
@@ -121,6 +121,7 @@ class FinalizeExport(beam.DoFn):
         self.side_files, self.provenance, self.replace = side_files, provenance, replace
 
     def process(self, records):
+        lease.verify_held(self.output)  # fencing: a run whose lease was taken over must not publish
         if outdir.is_gcs(self.output):
             # `records` are the segments' results here; the items were checked by PlanSegments.
             yield publish_gcs(self.staging_dir, self.output, self.shards, self._files(), self.replace)

@@ -23,7 +23,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from ckpt_transforms import faults
 from ckpt_transforms.orbax_io import writer as orbax_writer
 from ckpt_transforms.planning.convert_plan import DEFAULT_MAX_ITEM_BYTES, ArrayPlan, Plan, WorkItem, item_working_bytes
-from ckpt_transforms.storage import outdir
+from ckpt_transforms.storage import lease, outdir
 from ckpt_transforms.storage.provenance import PROVENANCE_FILE
 from ckpt_transforms.storage.sources import SourceError, open_source
 from ckpt_transforms.tensors.buffers import BufferPool
@@ -216,6 +216,7 @@ class StitchAndCommit(beam.DoFn):
         items_dir = os.path.join(self.staging_dir, "items")
         stats = orbax_writer.stitch(items_dir, [r.db_id for r in by_item.values()], self.arrays, self.layout)
         faults.point("stitch")
+        lease.verify_held(self.output)  # fencing: a run whose lease was taken over must not commit
         if self.provenance is not None:
             outdir.write_text(outdir.join(self.staging_dir, PROVENANCE_FILE), json.dumps(self.provenance, indent=1))
         orbax_writer.commit_step(self.staging_dir, self.custom)

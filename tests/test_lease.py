@@ -208,3 +208,29 @@ def test_gcs_convert_is_refused_while_leased_and_changes_nothing(bucket):
         with pytest.raises(lease.LeaseBusy, match=f"{out} is being written by another ckptbeam run"):
             convert(MODEL, out)
         assert outdir.list_files(bucket) == before
+
+
+class TakenOverMidFanOut(ConvertWorkItem):
+    """As if this run had missed heartbeats for the expiry: another run takes its lease over."""
+
+    def start_attempt(self, item, db_id):
+        path = lease.lease_path(TAKEOVER["output"])
+        if outdir.read_text(path) and "other" not in TAKEOVER:
+            TAKEOVER["other"] = lease.holder_record("convert", TAKEOVER["output"])
+            outdir.write_bytes(path, json.dumps(TAKEOVER["other"]).encode())
+        return super().start_attempt(item, db_id)
+
+
+TAKEOVER: dict = {}
+
+
+def test_gcs_run_that_lost_its_lease_does_not_commit_or_clean_up(bucket):
+    out = f"{bucket}/fenced"
+    TAKEOVER.clear()
+    TAKEOVER["output"] = out
+    with pytest.raises(Exception, match="lost its lease to another run"):
+        convert(MODEL, out, convert_fn=TakenOverMidFanOut)
+    assert outdir.read_bytes(f"{out}/0/commit_success.txt") is None, "fenced: no commit"
+    assert outdir.list_files(f"{out}/0"), "what is at OUT/0 is the other run's now: not cleaned up"
+    holder = json.loads(outdir.read_text(lease.lease_path(out)))
+    assert holder["run_id"] == TAKEOVER["other"]["run_id"], "the other run's lease is left alone"

@@ -49,6 +49,10 @@ class LeaseBusy(FileExistsError):
     """Another run holds the output's lease (a FileExistsError: the CLI reports it with exit 1)."""
 
 
+class LeaseLost(RuntimeError):
+    """Another run took this run's lease over (after it missed heartbeats for the expiry)."""
+
+
 def lease_path(output: str) -> str:
     """Where the lease of `output` (normalized: absolute path or gs://BUCKET[/PATH]) lives."""
     if outdir.is_gcs(output):
@@ -86,11 +90,14 @@ def busy_message(output: str, holder: dict | None, path: str) -> str:
     who = f"host {h.get('host', 'unknown')}, pid {h.get('pid', 'unknown')}, started {_when(h.get('started'))}"
     if outdir.is_gcs(path):
         who += f", last heartbeat {_when(h.get('heartbeat'))}"
-    return (
-        f"{output} is being written by another ckptbeam run ({who}); wait for it to finish, or, if that "
-        f"run is gone, " + ("rerun: its lease is free once its process has exited" if not outdir.is_gcs(path)
-        else f"rerun once its lease expires ({expiry_seconds():.0f} s after its last heartbeat) or delete {path}")
-    )  # fmt: skip
+    if outdir.is_gcs(path):
+        advice = (
+            f"wait for it to finish, or if it died, rerun once its lease expires ({expiry_seconds():.0f} s "
+            f"after its last heartbeat) or delete {path}"
+        )
+    else:
+        advice = "wait for it to finish (its lease is freed when that process exits)"
+    return f"{output} is being written by another ckptbeam run ({who}); {advice}"
 
 
 def _parse(data: bytes | None) -> dict | None:
@@ -149,6 +156,9 @@ class LocalLease:
 
     def lost(self) -> bool:
         return False  # the kernel holds the lock for as long as this process lives
+
+    def verify(self) -> None:
+        """Nothing to check: the kernel holds the lock for as long as this process lives."""
 
 
 class GcsLease:
@@ -211,12 +221,43 @@ class GcsLease:
     def lost(self) -> bool:
         return self._lost
 
+    def verify(self) -> None:
+        """Raise LeaseLost unless the lease object still names this run (one read)."""
+        current = self._kv.read(self._name).result()
+        holder = _parse(bytes(current.value)) if current.state == "value" else None
+        if self._lost or (holder or {}).get("run_id") != self.record["run_id"]:
+            self._lost = True
+            raise LeaseLost(
+                f"{self.output}: this run lost its lease to another run ({busy_message(self.output, holder, self.path)}"
+                "); not publishing"
+            )
+
+
+# The leases this process holds, by output: the publishing step checks its own before it commits
+# (on Dataflow workers this is empty: the launcher holds the lease, see README).
+_HELD: dict[str, LocalLease | GcsLease] = {}
+
+
+def lost(output: str) -> bool:
+    """Whether this process's lease on `output` is known to have been taken over (then what is
+    at OUT belongs to the other run, and a failing run must not clean it up)."""
+    held = _HELD.get(output)
+    return held is not None and held.lost()
+
+
+def verify_held(output: str) -> None:
+    """Before publishing at `output`: raise LeaseLost if this process's lease on it was taken over."""
+    held = _HELD.get(output)
+    if held is not None:
+        held.verify()
+
 
 def acquire(output: str, command: str) -> LocalLease | GcsLease:
     """Take the lease of `output` or raise LeaseBusy naming its holder; nothing else is touched."""
     record = holder_record(command, output)
     lease = GcsLease(output, record) if outdir.is_gcs(output) else LocalLease(output, record)
     lease.acquire()
+    _HELD[output] = lease
     return lease
 
 
@@ -227,4 +268,5 @@ def hold(output: str, command: str) -> Iterator[LocalLease | GcsLease]:
     try:
         yield lease
     finally:
+        _HELD.pop(output, None)
         lease.release()

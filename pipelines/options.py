@@ -71,6 +71,16 @@ def str2bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """--help shows each option's default, unless it is None or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or "default" in text.lower() or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def add_bool(parser: argparse.ArgumentParser, flag: str, default: bool | None, help: str, **kw) -> None:
     """Every boolean flag the same way: bare `--flag` is true; `--flag true|false` (or
     `--flag=...`, also 1/0, yes/no) sets it. No `--no_flag` forms: one spelling per option."""
@@ -353,7 +363,7 @@ def convert_parser() -> argparse.ArgumentParser:
         "Any Apache Beam pipeline option (--runner, --direct_num_workers, --direct_running_mode, "
         "Dataflow options, ...) is accepted as well, and MaxText's to_maxtext spellings "
         "(README: MaxText spellings).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         allow_abbrev=False,
     )
     ConvertOptions._add_argparse_args(parser)
@@ -373,7 +383,7 @@ def export_parser() -> argparse.ArgumentParser:
         description="Export a MaxText Orbax checkpoint as a Hugging Face safetensors model directory. "
         "Any Apache Beam pipeline option is accepted as well, and MaxText's to_huggingface spellings "
         "(README: MaxText spellings).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         allow_abbrev=False,
     )
     add_export_args(parser)

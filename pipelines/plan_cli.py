@@ -20,6 +20,7 @@ from ckpt_transforms.storage.sources import open_source
 from ckpt_transforms.tensors.dtypes import SAVE_DTYPES
 from pipelines.convert import emit_summary, format_selected, format_summary, human_bytes
 from pipelines.options import (
+    HelpFormatter,
     add_bool,
     add_json,
     check_argv,
@@ -83,9 +84,7 @@ def estimate_seconds(plan: Plan, workers: int, worker_mb_s: float) -> float:
 
 
 def plan_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ckptbeam plan", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog="ckptbeam plan", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--source", required=True, help="model directory/URI, or a config.json alone")
     parser.add_argument("--model", default=None, help="as for ckptbeam convert (None: detected from config.json)")
     add_bool(parser, "--scan_layers", True, "as for ckptbeam convert")

@@ -135,3 +135,22 @@ def test_readme_plan_example_is_a_real_run(capsys):
     finally:
         os.chdir(cwd)
     assert capsys.readouterr().out.splitlines() == shown
+
+
+def test_no_citation_of_a_notes_file_the_repo_does_not_have():
+    """Docstrings state the fact or cite a public source; the team's private notes file is not
+    shipped, so a reference to it tells a reader nothing."""
+    notes = "FACTS" + ".md"
+    if os.path.exists(os.path.join(ROOT, notes)):
+        return
+    cited = []
+    for d, dirs, files in os.walk(ROOT):
+        dirs[:] = [x for x in dirs if not x.startswith(".") and x not in ("__pycache__", "build")]
+        for f in files:
+            if f.endswith((".py", ".md", ".sh", ".txt", ".toml", ".cfg", ".json")):
+                path = os.path.join(d, f)
+                with open(path, encoding="utf-8", errors="replace") as fh:
+                    text = fh.read()
+                if notes in text or "FACTS" + " §" in text:
+                    cited.append(os.path.relpath(path, ROOT))
+    assert not cited, f"cite the public source or state the fact instead of {notes}: {cited}"

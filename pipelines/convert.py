@@ -163,8 +163,8 @@ def maxtext_load_args(summary: dict, items_dir: str, model_name: str | None) -> 
     """The MaxText arguments that load this checkpoint (`MODEL` when the name is not known)."""
     args = [
         f"model_name={model_name or 'MODEL'}",
-        f"load_parameters_path={items_dir}",
         f"scan_layers={str(summary['scan_layers']).lower()}",
+        f"load_parameters_path={items_dir}",
     ]
     vocab = summary.get("vocab") or {}
     if vocab.get("run_with_vocab_size"):
@@ -347,10 +347,11 @@ def run(argv: list[str] | None = None, convert_fn: type[ConvertWorkItem] = Conve
 
 
 def emit_summary(summary: dict, as_json: bool, dry_run: bool = False) -> dict:
-    """The run's summary, as returned; with --json also printed as one JSON object on stdout."""
-    summary = {"up_to_date": False, **summary, "dry_run": dry_run}
+    """The run's summary, as returned; with --json also printed as one JSON object on stdout
+    (which says `up_to_date` and `dry_run` either way)."""
     if as_json:
-        print(json.dumps(summary, default=str, sort_keys=True), flush=True)
+        record = {"up_to_date": False, **summary, "dry_run": dry_run}
+        print(json.dumps(record, default=str, sort_keys=True), flush=True)
     return summary
 
 

@@ -239,7 +239,7 @@ def _check_value(action: argparse.Action, typed: str, value: str) -> None:
     except (argparse.ArgumentTypeError, ValueError) as e:
         raise UsageError(f"{typed}: {e}") from None
     if action.choices and parsed not in action.choices:
-        raise UsageError(f"{typed}: expected one of {', '.join(map(str, action.choices))}")
+        raise UsageError(f"{typed}: invalid choice {value!r} (choose from {', '.join(map(str, action.choices))})")
 
 
 def _normalize(value: str | None, is_bool: bool) -> object:

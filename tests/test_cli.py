@@ -139,7 +139,7 @@ def test_pasted_maxtext_command_line_converts_unscanned(tmp_path):
     names = set(restore_leaves(str(out)))
     assert "params.params.decoder.layers_0.self_attention.query.kernel" in names
     assert not any(n.startswith("params.params.decoder.layers.") for n in names)
-    load = "model_name=llama3.1-8b load_parameters_path=" + str(out / "0" / "items") + " scan_layers=false"
+    load = "model_name=llama3.1-8b scan_layers=false load_parameters_path=" + str(out / "0" / "items")
     assert load in result.stdout
 
 
@@ -154,7 +154,7 @@ def test_json_summary_on_stdout(tmp_path):
     summary = json.loads(first.stdout)
     assert summary["up_to_date"] is False and summary["seconds"] > 0 and summary["bytes_written"] > 0
     assert summary["output"] == str(out / "0" / "items") and summary["provenance"]["family"] == "qwen3"
-    assert summary["maxtext_args"].startswith(f"model_name=qwen3-0.6b load_parameters_path={out}/0/items")
+    assert summary["maxtext_args"] == f"model_name=qwen3-0.6b scan_layers=true load_parameters_path={out}/0/items"
     assert "converted" in first.stderr
     again = json.loads(_ckptbeam("convert", "--source", source, "--output", str(out), "--json").stdout)
     assert again["up_to_date"] is True

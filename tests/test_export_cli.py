@@ -90,7 +90,9 @@ def test_dry_run_writes_nothing(ckpt, tmp_path, capsys):
     "args,message",
     [
         (["--weight_dtyp=float32"], "did you mean --weight_dtype"),
-        (["scan_layers=false"], "unrecognized argument"),
+        (["per_device_batch_size=4"], "unrecognized argument"),
+        (["weight_dtype=float16x"], "weight_dtype=float16x: invalid choice"),
+        (["load_parameters_path=/elsewhere"], "and load_parameters_path=/elsewhere set --source"),
         (["--weight_dtype=float64"], "invalid choice"),
         (["--max_shard_size=lots"], "not a shard size"),
     ],

@@ -91,8 +91,8 @@ def test_settings_without_effect_are_accepted_and_said_to_be_ignored(command, ar
         # values are checked as ours are, and the error names them as typed
         ("convert", ["scan_layers=maybe"], "scan_layers=maybe: expected true or false"),
         ("convert", ["--simulated_cpu_devices_count", "0"], "--simulated_cpu_devices_count 0: expected a whole"),
-        ("convert", ["save_dtype=int8"], "save_dtype=int8: expected one of bfloat16, float32"),
-        ("export", ["weight_dtype=fp8"], "weight_dtype=fp8: expected one of"),
+        ("convert", ["save_dtype=int8"], "save_dtype=int8: invalid choice 'int8' (choose from bfloat16, float32)"),
+        ("export", ["weight_dtype=fp8"], "weight_dtype=fp8: invalid choice"),
         ("convert", ["hardware=quantum"], "hardware=quantum: expected one of cpu"),
         ("convert", ["lazy_load_tensors=sometimes"], "expected true or false"),
         ("convert", ["--model_name"], "--model_name: expected a value"),

@@ -154,7 +154,10 @@ def test_json_summary_on_stdout(tmp_path):
     summary = json.loads(first.stdout)
     assert summary["up_to_date"] is False and summary["seconds"] > 0 and summary["bytes_written"] > 0
     assert summary["output"] == str(out / "0" / "items") and summary["provenance"]["family"] == "qwen3"
-    assert summary["maxtext_args"] == f"model_name=qwen3-0.6b scan_layers=true load_parameters_path={out}/0/items"
+    assert summary["maxtext_args"] == (
+        f"model_name=qwen3-0.6b scan_layers=true load_parameters_path={out}/0/items "
+        "vocab_size=250 override_model_config=true"  # the tiny fixture's rows, not qwen3-0.6b's 151936
+    )
     assert "converted" in first.stderr
     again = json.loads(_ckptbeam("convert", "--source", source, "--output", str(out), "--json").stdout)
     assert again["up_to_date"] is True

@@ -154,3 +154,15 @@ def test_every_boolean_flag_follows_one_rule(command):
         assert getattr(parser.parse_args([*required, flag]), action.dest) is True
         assert getattr(parser.parse_args([*required, flag, "false"]), action.dest) is False
         assert getattr(parser.parse_args([*required, f"{flag}=true"]), action.dest) is True
+
+
+def test_beam_parses_our_booleans_by_the_same_rule():
+    """Convert's options are parsed by Beam, not by our parser: the rule must hold there too."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.options import ConvertOptions
+
+    opts = PipelineOptions(["--use_ocdbt", "--use_zarr3", "false", "--force", "--scan_layers=0"]).view_as(
+        ConvertOptions
+    )
+    assert (opts.use_ocdbt, opts.use_zarr3, opts.force, opts.scan_layers) == (True, False, True, False)

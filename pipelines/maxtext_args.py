@@ -67,6 +67,12 @@ def _bool(text: str) -> bool:
         raise UsageError(str(e)) from None
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def _one_of(*choices: str) -> Callable[[str], str]:
     def check(text: str) -> str:
         if text.lower() not in choices:
@@ -130,7 +136,7 @@ EXPORT: dict[str, Equivalent | Refused] = {
     "parallel_threads": Equivalent(
         None,
         "each Beam worker writes its own shards; the thread count does not change the files",
-        check=lambda t: _positive(t),
+        check=_positive,
     ),
     "hf_access_token": _TOKEN,
     "save_dtype": Refused(
@@ -139,12 +145,6 @@ EXPORT: dict[str, Equivalent | Refused] = {
 }
 
 TABLES = {"convert": CONVERT, "plan": CONVERT, "export": EXPORT}
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise UsageError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
 
 
 def _is_config_file(arg: str) -> bool:
@@ -164,12 +164,12 @@ def _split(argv: list[str], i: int, is_bool: bool) -> tuple[str, str | None, int
 
 
 def translate(
-    argv: list[str], command: str, ours: dict[str, bool], others: dict[str, bool]
+    argv: list[str], command: str, ours: dict[str, argparse.Action], others: dict[str, bool]
 ) -> tuple[list[str], list[str]]:
     """(argv with MaxText spellings rewritten to ckptbeam's flags, notes to print once).
 
-    `ours`: the command's own flags, each mapped to whether it is boolean (a bare `--flag` means
-    true); `others`: Beam's flags, each mapped to whether it takes a value (so a value that looks
+    `ours`: the command's own flags and their argparse actions (a boolean's bare `--flag` means
+    true; a translated value is checked by the action's type and choices); `others`: Beam's flags, each mapped to whether it takes a value (so a value that looks
     like `key=value` is left to its flag). Raises UsageError for a refused setting, a MaxText
     config file, an invalid value of an ignored setting, or one option given twice (in any
     spellings) with different values."""
@@ -204,7 +204,7 @@ def translate(
         if flag and action is None:
             raise UsageError(f"{arg}: means {flag}, which ckptbeam {command} does not take")
         is_bool = action.nargs in (0, "?") if action else isinstance(entry, Equivalent) and entry.is_bool
-        name, value, used = _split(argv, i, is_bool)
+        _, value, used = _split(argv, i, is_bool)
         typed = " ".join(argv[i : i + used])
         i += used
         if isinstance(entry, Refused):

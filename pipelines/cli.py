@@ -98,7 +98,8 @@ def _demo(argv: list[str]) -> int:
     if not os.path.isdir(DEMO_MODEL):
         print(f"demo model not found at {DEMO_MODEL}; run the demo from a source checkout", file=sys.stderr)
         return 2
-    if args.output and os.path.exists(args.output) and os.listdir(args.output) and not args.force:
+    occupied = args.output and os.path.exists(args.output)
+    if occupied and (not os.path.isdir(args.output) or os.listdir(args.output)) and not args.force:
         # A checkpoint there may be one ckptbeam convert would replace as made from other inputs:
         # the demo's own run must never be the thing that replaces it.
         raise FileExistsError(f"{args.output} is not empty; the demo writes into a new or empty directory (or --force)")

@@ -27,29 +27,32 @@ commands:
 run `ckptbeam convert --help` for conversion options."""
 
 
+def inspect_parser() -> argparse.ArgumentParser:
+    from pipelines.options import HelpFormatter
+
+    parser = argparse.ArgumentParser(
+        prog="ckptbeam inspect",
+        description="List an Orbax checkpoint's params, shapes, dtypes, chunking and size (local or gs://).",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("path", help="OUT, OUT/0 or OUT/0/items")
+    return parser
+
+
 def _inspect(argv: list[str]) -> int:
     from ckpt_transforms.orbax_io.inspect import format_leaves, inspect_checkpoint
 
-    parser = argparse.ArgumentParser(prog="ckptbeam inspect", description="List an Orbax checkpoint's params.")
-    parser.add_argument("path", help="OUT, OUT/0 or OUT/0/items")
-    args = parser.parse_args(argv)
+    args = inspect_parser().parse_args(argv)
     print(format_leaves(*inspect_checkpoint(args.path)))
     return 0
 
 
 def _convert(argv: list[str]) -> int:
     from pipelines.convert import run
-    from pipelines.options import ConvertOptions
+    from pipelines.options import convert_parser
 
     if "-h" in argv or "--help" in argv:
-        parser = argparse.ArgumentParser(
-            prog="ckptbeam convert",
-            description="Convert a Hugging Face safetensors checkpoint to a MaxText Orbax checkpoint. "
-            "Any Apache Beam pipeline option (--runner, --direct_num_workers, --direct_running_mode, "
-            "Dataflow options, ...) is accepted as well; --dry_run prints the plan and exits.",
-        )
-        ConvertOptions._add_argparse_args(parser)
-        parser.print_help()
+        convert_parser().print_help()
         return 0
     # A one-shot process: what the imports built (Beam, TensorStore, numpy: ~1M objects) lives to
     # the end, so the cyclic collector need not walk it again on every full collection.
@@ -60,17 +63,10 @@ def _convert(argv: list[str]) -> int:
 
 def _export(argv: list[str]) -> int:
     from pipelines.export import run
-    from pipelines.options import add_export_args
+    from pipelines.options import export_parser
 
     if "-h" in argv or "--help" in argv:
-        parser = argparse.ArgumentParser(
-            prog="ckptbeam export",
-            description="Export a MaxText Orbax checkpoint as a Hugging Face safetensors model directory. "
-            "Any Apache Beam pipeline option is accepted as well.",
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        )
-        add_export_args(parser)
-        parser.print_help()
+        export_parser().print_help()
         return 0
     gc.freeze()
     run(argv)
@@ -83,20 +79,31 @@ def _plan(argv: list[str]) -> int:
     return plan_command(argv)
 
 
-def _demo(argv: list[str]) -> int:
+def demo_parser() -> argparse.ArgumentParser:
+    from pipelines.options import HelpFormatter, add_bool
+
     parser = argparse.ArgumentParser(
         prog="ckptbeam demo",
         description="Convert the bundled tiny Llama model to MaxText's Orbax format (OUTPUT/0/items), inspect it, "
-        "and export it back to a Hugging Face model directory (OUTPUT/hf).",
+        "and export it back to a Hugging Face model directory (OUTPUT/hf). Other arguments go to convert and "
+        "export (Beam options).",
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--output", default=None, help="where to write (default: a fresh temporary directory)")
-    parser.add_argument(
-        "--force", action="store_true", help="replace an existing checkpoint or model at OUTPUT (never done without it)"
-    )
-    args, beam_args = parser.parse_known_args(argv)
+    parser.add_argument("--output", default=None, help="where to write (None: a fresh temporary directory)")
+    add_bool(parser, "--force", False, "write into an OUTPUT that is not empty, replacing what is there")
+    return parser
+
+
+def _demo(argv: list[str]) -> int:
+    args, beam_args = demo_parser().parse_known_args(argv)
     if not os.path.isdir(DEMO_MODEL):
         print(f"demo model not found at {DEMO_MODEL}; run the demo from a source checkout", file=sys.stderr)
         return 2
+    occupied = args.output and os.path.exists(args.output)
+    if occupied and (not os.path.isdir(args.output) or os.listdir(args.output)) and not args.force:
+        # A checkpoint there may be one ckptbeam convert would replace as made from other inputs:
+        # the demo's own run must never be the thing that replaces it.
+        raise FileExistsError(f"{args.output} is not empty; the demo writes into a new or empty directory (or --force)")
     output = args.output or tempfile.mkdtemp(prefix="ckptbeam-demo-")
     force = ["--force"] if args.force else []
     _convert(["--source", DEMO_MODEL, "--output", output, *force, *beam_args])

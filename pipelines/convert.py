@@ -26,11 +26,10 @@ from ckpt_transforms.storage.hf_side_files import CONFIG, keep_with_checkpoint, 
 from ckpt_transforms.storage.provenance import PROVENANCE_FILE, differences, provenance_record
 from ckpt_transforms.storage.sources import ByteSource, open_source
 from pipelines.graph import METRICS_NAMESPACE, ConvertWorkItem, build_pipeline
-from pipelines.options import ConvertOptions, beam_option_names, parse_only, str2bool, unrecognized_argument
+from pipelines.options import BOOL_WORDS, ConvertOptions, check_argv, convert_parser, parse_only, str2bool
 from pipelines.progress import ProgressMonitor
 
 log = logging.getLogger("ckptbeam")
-BOOL_WORDS = ("1", "0", "true", "false", "yes", "no", "y", "n", "t", "f")
 
 
 def make_plan(
@@ -156,12 +155,42 @@ def _vocab_lines(vocab: dict) -> list[str]:
     return lines
 
 
-def _maxtext_vocab_args(summary: dict) -> str:
-    """' vocab_size=N override_model_config=true' when MaxText must be told the rows, else ''."""
+def maxtext_model_name(family: str, model: str | None) -> str | None:
+    """The MaxText model_name to load the checkpoint with: --model when it is a MaxText name, the
+    family's only MaxText name, else None (sizes come from config.json, MaxText names a size)."""
+    fam = next(f for f in model_maps.FAMILIES if f.name == family)
+    if model in fam.maxtext_names:
+        return model
+    return fam.maxtext_names[0] if len(fam.maxtext_names) == 1 else None
+
+
+def maxtext_load_args(summary: dict, items_dir: str, model_name: str | None) -> str:
+    """The MaxText arguments that load this checkpoint (`MODEL` when the name is not known)."""
+    args = [
+        f"model_name={model_name or 'MODEL'}",
+        f"scan_layers={str(summary['scan_layers']).lower()}",
+        f"load_parameters_path={items_dir}",
+    ]
     vocab = summary.get("vocab") or {}
-    if not vocab.get("run_with_vocab_size"):
-        return ""
-    return f" vocab_size={vocab['vocab_size']} override_model_config=true"
+    if vocab.get("run_with_vocab_size"):
+        args += [f"vocab_size={vocab['vocab_size']}", "override_model_config=true"]
+    return " ".join(args)
+
+
+def _maxtext_lines(summary: dict, family: str) -> str:
+    lines = f"  MaxText         {summary['maxtext_args']}"
+    if summary["maxtext_model_name"] is None:
+        names = next(f for f in model_maps.FAMILIES if f.name == family).maxtext_names
+        lines += f"\n  MODEL           the MaxText name of this {family} size ({', '.join(names[:4])}, ...; --model fills it in)"
+    return lines
+
+
+def format_selected(rows: list[tuple[str, tuple[int, ...], str]], what: str) -> str:
+    """What --dry_run / --only select: one line per param (name, shape, dtype)."""
+    width = max((len(name) for name, _, _ in rows), default=0)
+    lines = [f"  {what} ({len(rows)}):"]
+    lines += [f"    {name:<{width}}  {list(shape)} {dtype}" for name, shape, dtype in rows]
+    return "\n".join(lines)
 
 
 def format_summary(summary: dict) -> str:
@@ -226,46 +255,60 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
 
 def run(argv: list[str] | None = None, convert_fn: type[ConvertWorkItem] = ConvertWorkItem) -> dict:
     """Plan, run and commit one conversion; returns the summary (also printed)."""
-    argv = normalize_argv(list(sys.argv[1:] if argv is None else argv))
-    problem = unrecognized_argument(argv, beam_option_names())
-    if problem:
-        # Beam would only warn and drop it: a typo or a MaxText-style scan_layers=false must not
-        # silently give the default conversion.
-        print(f"ckptbeam convert: error: {problem}", file=sys.stderr)
-        raise SystemExit(2)
+    argv = normalize_argv(check_argv("convert", list(sys.argv[1:] if argv is None else argv), convert_parser()))
     options = PipelineOptions(argv)
     opts = options.view_as(ConvertOptions)
     if not opts.source or not opts.output:
-        raise SystemExit("ckptbeam convert: --source and --output are required")
+        raise SystemExit(
+            "ckptbeam convert: --source and --output are required (MaxText: hf_model_path, base_output_directory)"
+        )
     output = outdir.normalize(opts.output)
+    report = report_stream(opts)
     orbax_writer.reset_shared_context()
     started = time.time()
     source = open_source(opts.source)  # hf://: resolves the revision to one commit, here, once
     model = load_source_model(source)
     plan, provenance = make_plan(opts, source, model)
     summary = plan.summary()
-    print(f"ckptbeam plan for {source.uri}:\n{format_summary(summary)}", flush=True)
+    items_dir = outdir.join(output, orbax_writer.STEP_DIR, "items")
+    name = maxtext_model_name(plan.family, opts.model)
+    summary.update(
+        output=items_dir, provenance=provenance, maxtext_model_name=name,
+        maxtext_args=maxtext_load_args(summary, items_dir, name),
+    )  # fmt: skip
+    print(f"ckptbeam plan for {source.uri}:\n{format_summary(summary)}", file=report, flush=True)
     if plan.unused_source_keys:
         print(
-            f"  known extras    {len(plan.unused_source_keys)} source tensor(s) not converted, e.g. {plan.unused_source_keys[0]}"
+            f"  known extras    {len(plan.unused_source_keys)} source tensor(s) not converted, e.g. "
+            f"{plan.unused_source_keys[0]}",
+            file=report,
         )
     faults.point("plan")
-    if str2bool(str(options.view_as(TestOptions).dry_run)):
-        return summary
+    dry_run = str2bool(str(options.view_as(TestOptions).dry_run))
+    if dry_run or plan.only:
+        selected = [(a.name, a.shape, a.dtype) for a in plan.arrays]
+        print(format_selected(selected, "params selected" if plan.only else "params"), file=report)
+    if dry_run:
+        return emit_summary(summary, opts.json, dry_run=True)
     with lease.hold(output, "convert"):  # one run per output, from here to the end
         return _convert_locked(options, opts, output, source, model, plan, provenance, summary, started, convert_fn)
 
 
 def _convert_locked(options, opts, output, source, model, plan, provenance, summary, started, convert_fn) -> dict:
     """The part of `run` that reads and writes at OUTPUT, under its lease."""
+    report = report_stream(opts)
     orbax_writer.restore_interrupted_swap(output)
     replace, reasons = _existing_checkpoint(output, provenance, opts.force)
     if not reasons:
-        print(f"ckptbeam: {orbax_writer.final_step_dir(output)} is up to date (same inputs and options); nothing to do")
-        return {**summary, "up_to_date": True}
+        print(
+            f"ckptbeam: {orbax_writer.final_step_dir(output)} is up to date (same inputs and options); nothing to do\n"
+            f"{_maxtext_lines(summary, plan.family)}",
+            file=report,
+        )
+        return emit_summary({**summary, "up_to_date": True}, opts.json)
     if replace:
         print(f"ckptbeam: re-converting; {orbax_writer.final_step_dir(output)} is replaced after commit because: "
-              + "; ".join(reasons))  # fmt: skip
+              + "; ".join(reasons), file=report)  # fmt: skip
     staging = _prepare_output(output, replace)
     runner = options.view_as(StandardOptions).runner or ""
     try:
@@ -283,8 +326,11 @@ def _convert_locked(options, opts, output, source, model, plan, provenance, summ
             if runner.endswith("DataflowRunner"):
                 # Flex Template launchers must return once the job is submitted; the stitch and the
                 # commit run inside the job.
-                print(f"ckptbeam: Dataflow job submitted; the checkpoint appears at {output}/0 when it commits")
-                return {**summary, "submitted": True}
+                print(
+                    f"ckptbeam: Dataflow job submitted; the checkpoint appears at {output}/0 when it commits",
+                    file=report,
+                )
+                return emit_summary({**summary, "submitted": True}, opts.json)
             result.wait_until_finish()
     except BaseException:
         # A lost lease (gs://: taken over after missed heartbeats): OUT/0 is the other run's now.
@@ -299,18 +345,33 @@ def _convert_locked(options, opts, output, source, model, plan, provenance, summ
     summary.update(
         seconds=round(elapsed, 3),
         mb_per_s=round(summary["bytes_written"] / 1e6 / max(elapsed, 1e-9), 2),
-        output=outdir.join(output, orbax_writer.STEP_DIR, "items"),
         runner=options.view_as(StandardOptions).runner,
         metrics=counters,
         largest_item_working_bytes=max((item_working_bytes(i) for i in plan.items), default=0),
     )
     print(
-        f"ckptbeam: converted {_param_count(summary)} params ({summary['bytes_written'] / 1e6:.2f} MB) in "
-        f"{elapsed:.2f} s, {summary['mb_per_s']:.1f} MB/s{_partial_note(summary, _PARTIAL_LINE)}\n"
+        f"ckptbeam: converted {_param_count(summary)} params ({human_bytes(summary['bytes_written'])}) in "
+        f"{elapsed:.2f} s, {human_bytes(summary['bytes_written'] / max(elapsed, 1e-9))}/s"
+        f"{_partial_note(summary, _PARTIAL_LINE)}\n"
         f"  output          {summary['output']}\n"
-        f"  MaxText         load_parameters_path={summary['output']}{_maxtext_vocab_args(summary)}",
+        f"{_maxtext_lines(summary, plan.family)}",
+        file=report,
         flush=True,
     )
+    return emit_summary(summary, opts.json)
+
+
+def report_stream(opts) -> object:
+    """Where the human-readable lines go: with --json, stdout holds the JSON object only."""
+    return sys.stderr if opts.json else sys.stdout
+
+
+def emit_summary(summary: dict, as_json: bool, dry_run: bool = False) -> dict:
+    """The run's summary, as returned; with --json also printed as one JSON object on stdout
+    (which says `up_to_date` and `dry_run` either way)."""
+    if as_json:
+        record = {"up_to_date": False, **summary, "dry_run": dry_run}
+        print(json.dumps(record, default=str, sort_keys=True), flush=True)
     return summary
 
 

@@ -7,6 +7,7 @@ Run: `ckptbeam export --source CKPT --output DIR [options] [Beam flags]`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ from ckpt_transforms.storage.hf_side_files import (
     load_side_files,
     parse_config,
 )
-from pipelines.convert import human_bytes, normalize_argv
+from pipelines.convert import emit_summary, format_selected, human_bytes, normalize_argv, report_stream
 from pipelines.export_graph import (
     DONE_DIR,
     EXPORT_PROVENANCE_FILE,
@@ -130,9 +131,13 @@ def make_export_plan(args) -> tuple[ExportPlan, Checkpoint, dict[str, bytes], di
     config = parse_config(side[CONFIG], args.hf_config or checkpoint.items_dir)
     family = model_maps.detect_family(config, args.model)
     unquantized = {k: v for k, v in config.items() if k != "quantization_config"}
-    model_map = family.build(
-        unquantized, use_multimodal=_has_vision(checkpoint) or None, vocab_size=_embedding_rows(checkpoint)
-    )
+    has_vision = _has_vision(checkpoint)
+    multimodal = has_vision if args.use_multimodal is None else args.use_multimodal
+    if has_vision and not multimodal:
+        # MaxText's use_multimodal=false: the text decoder only; the vision leaves are not read.
+        text_only = {n: leaf for n, leaf in checkpoint.leaves.items() if ".vision_encoder." not in n}
+        checkpoint = dataclasses.replace(checkpoint, leaves=text_only)
+    model_map = family.build(unquantized, use_multimodal=multimodal or None, vocab_size=_embedding_rows(checkpoint))
     scan = resolve_scan_layers(args.scan_layers, checkpoint, model_map)
     plan = build_export_plan(
         checkpoint, model_map, scan, args.weight_dtype, args.max_item_bytes, args.max_shard_size,
@@ -152,6 +157,7 @@ def make_export_plan(args) -> tuple[ExportPlan, Checkpoint, dict[str, bytes], di
             "weight_dtype": plan.weight_dtype,
             "max_shard_size": args.max_shard_size,
             **({"only": list(plan.only)} if plan.only else {}),
+            **({"use_multimodal": False} if has_vision and not multimodal else {}),  # only when set
         },
     }
     return plan, checkpoint, side, provenance
@@ -218,29 +224,38 @@ def run(argv: list[str]) -> dict:
     """Plan, run and publish one export; returns the summary (also printed)."""
     args, beam_argv = split_export_argv(argv)
     if not args.source or not args.output:
-        raise SystemExit("ckptbeam export: --source and --output are required")
+        raise SystemExit(
+            "ckptbeam export: --source and --output are required (MaxText: load_parameters_path, base_output_directory)"
+        )
     output = outdir.normalize(args.output)  # an absolute local path or gs://BUCKET/PATH
     if outdir.is_gcs(output) and not outdir.split_gcs(output)[1]:
         raise ValueError(f"--output {args.output}: name a path inside the bucket (gs://BUCKET/PATH)")
+    report = report_stream(args)
     started = time.time()
     plan, checkpoint, side, provenance = make_export_plan(args)
-    summary = plan.summary()
-    print(f"ckptbeam export plan for {checkpoint.items_dir}:\n{format_export_summary(summary)}", flush=True)
+    summary = {**plan.summary(), "output": output, "provenance": provenance}
+    print(
+        f"ckptbeam export plan for {checkpoint.items_dir}:\n{format_export_summary(summary)}", file=report, flush=True
+    )
     faults.point("plan")
+    if args.dry_run or plan.only:
+        tensors = [(t.key, t.shape, t.dtype) for shard in plan.shards for t in shard.tensors]
+        print(format_selected(tensors, "HF tensors selected" if plan.only else "HF tensors"), file=report)
     if args.dry_run:
-        return summary
+        return emit_summary(summary, args.json, dry_run=True)
     with lease.hold(output, "export"):  # one run per output, from here to the end
         return _export_locked(args, beam_argv, output, plan, checkpoint, side, provenance, summary, started)
 
 
 def _export_locked(args, beam_argv, output, plan, checkpoint, side, provenance, summary, started) -> dict:
     """The part of `run` that reads and writes at OUTPUT, under its lease."""
+    report = report_stream(args)
     if not outdir.is_gcs(output):  # a crash between the two renames of a swap: the old model back first
         outdir.restore_aside(output, _stale_staging(output, OLD_INFIX))
     up_to_date, replace = _existing_output(output, provenance, args.force)
     if up_to_date:
-        print(f"ckptbeam: {output} is up to date (same checkpoint and options); nothing to do")
-        return {**summary, "up_to_date": True}
+        print(f"ckptbeam: {output} is up to date (same checkpoint and options); nothing to do", file=report)
+        return emit_summary({**summary, "up_to_date": True}, args.json)
     for stale in _stale_staging(output):
         log.info("removing leftovers of an earlier unfinished export: %s", stale)
         outdir.remove_tree(stale)
@@ -268,13 +283,15 @@ def _export_locked(args, beam_argv, output, plan, checkpoint, side, provenance, 
         m.key.metric.name: m.committed
         for m in result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))["counters"]
     }
-    summary.update(seconds=round(elapsed, 3), output=output, metrics=counters)
+    summary.update(seconds=round(elapsed, 3), metrics=counters)
     print(
         f"ckptbeam: exported {summary['hf_tensors']} tensors ({human_bytes(summary['bytes_written'])}) in "
-        f"{elapsed:.2f} s\n  output          {output}",
+        f"{elapsed:.2f} s, {human_bytes(summary['bytes_written'] / max(elapsed, 1e-9))}/s\n"
+        f"  output          {output}",
+        file=report,
         flush=True,
     )
-    return summary
+    return emit_summary(summary, args.json)
 
 
 def _remove_failed_gcs_export(staging: str, output: str, names: list[str]) -> None:

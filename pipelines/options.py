@@ -157,6 +157,15 @@ class ConvertOptions(PipelineOptions):
             help="Attempts per work item inside a worker (each into a fresh OCDBT database)",
         )
         parser.add_argument(
+            "--no_resume",
+            type=str2bool,
+            nargs="?",
+            const=True,
+            default=False,
+            help="Start clean: remove an unfinished run's committed work items instead of reusing them (by "
+            "default a rerun with the same plan reuses them and converts only the rest)",
+        )
+        parser.add_argument(
             "--only",
             default=None,
             help="Write a partial checkpoint: only the params matching these comma-separated fnmatch patterns "
@@ -242,6 +251,15 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
         help="Re-export even if OUTPUT is up to date, and replace an OUTPUT ckptbeam did not write",
     )
     parser.add_argument("--item_attempts", type=int, default=3, help="Attempts per work item inside a worker")
+    parser.add_argument(
+        "--no_resume",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="Start clean: remove an unfinished export's written items instead of reusing them (by default a "
+        "rerun with the same plan reuses them and exports only the rest)",
+    )
     parser.add_argument(
         "--dry_run",
         type=str2bool,

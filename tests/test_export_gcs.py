@@ -225,7 +225,7 @@ def test_failing_item_publishes_nothing_and_leaves_no_parts(gcs, proxy):
 
     proxy.body_fault = fault
     with pytest.raises(Exception) as info:
-        export(gcs.ckpt, f"gs://{BUCKET}/failed", *SMALL)
+        export(gcs.ckpt, f"gs://{BUCKET}/failed", *SMALL, "--no_resume")
     message = str(info.value)
     assert f"gs://{BUCKET}/failed.ckptbeam-tmp-" in message and "403" in message, message
     assert "export work item" in message
@@ -244,7 +244,7 @@ def test_failure_while_publishing_removes_the_objects_already_written(gcs, proxy
 
     proxy.fault = fault
     with pytest.raises(Exception, match="403"):
-        export(gcs.ckpt, f"gs://{BUCKET}/halfway", *SMALL)
+        export(gcs.ckpt, f"gs://{BUCKET}/halfway", *SMALL, "--no_resume")
     assert composes["n"] >= 3  # shards compose in parallel: the others may finish
     assert _objects(gcs, "halfway") == {}
 
@@ -261,7 +261,7 @@ def test_missing_part_is_named_and_nothing_is_published(gcs, proxy, monkeypatch)
 
     monkeypatch.setattr(shard_writer, "list_parts", lose_one)
     with pytest.raises(Exception, match=r"model-00003-of-00004\.safetensors.*: bytes \[\d+, \d+\) .* never written"):
-        export(gcs.ckpt, f"gs://{BUCKET}/gap", *SMALL)
+        export(gcs.ckpt, f"gs://{BUCKET}/gap", *SMALL, "--no_resume")
     assert _objects(gcs, "gap") == {}
 
 

@@ -171,7 +171,7 @@ def test_permanent_404_fails_the_item_and_publishes_nothing(gcs, proxy):
 
     proxy.fault = fault
     with pytest.raises(Exception) as info:
-        convert(_source(SHARDED), "gs://ckpts/failed")
+        convert(_source(SHARDED), "gs://ckpts/failed", "--no_resume")
     message = str(info.value)
     assert f"gs://{MODELS}/hf/{SHARDED}/{shard}" in message and "404" in message
     assert _objects(gcs, "failed/") == []

@@ -386,3 +386,31 @@ def test_shard_of_many_parts_is_composed_in_rounds(gcs, proxy):
     assert len(intermediates) == 3
     outdir.remove_tree(staging)
     outdir.remove_tree(output)
+
+
+def test_killed_gcs_export_resumes_writing_only_the_rest(gcs, proxy, tmp_path, monkeypatch):
+    """gs:// output: a killed export's records (with their scatter objects) are adopted; the
+    rerun uploads only the other items' bytes and publishes the same shards."""
+    from test_resume import cli, count_region_reads, export_plan, kill_when_half_done, record_ids
+
+    out = f"gs://{BUCKET}/resumed"
+    plan, _ = export_plan(gcs.local_ckpt, out, *SMALL)
+
+    def staging() -> str | None:
+        found = outdir.list_children(f"gs://{BUCKET}", prefix="resumed.ckptbeam-tmp-")
+        return f"gs://{BUCKET}/{found[0]}" if found else None
+
+    kill_when_half_done(cli("export", "--source", gcs.local_ckpt, "--output", out, *SMALL), staging, len(plan.items))
+    adopted = record_ids(staging())
+    assert len(plan.items) // 2 <= len(adopted) < len(plan.items)
+    assert not _objects(gcs, "resumed/")
+
+    reads = count_region_reads(monkeypatch)
+    summary = export(gcs.local_ckpt, out, *SMALL)
+
+    assert summary["resumed_items"] == len(adopted)
+    rest = [i for i in plan.items if i.item_id not in adopted]
+    assert len(reads) == sum(len(i.reads) for i in rest)
+    assert summary["metrics"]["bytes_read"] == sum(i.bytes_read for i in rest)
+    _assert_same_export(gcs.local_hf, _download(gcs, "resumed", tmp_path / "resumed"))
+    assert not [o for o in _objects(gcs, "resumed") if "ckptbeam-tmp" in o]

@@ -33,11 +33,14 @@ ITEMS = ("--max_item_bytes=64KiB",)  # 151 work items on the model below
 EXPORT_ITEMS = ("--max_item_bytes=16KiB", "--max_shard_size=500KB")  # 239 items, 5 shards
 
 
+def make_model(directory: str) -> str:
+    make(directory, layers=4, hidden=128, mlp=256, heads=4, kv_heads=2, vocab=2000)
+    return directory
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> str:
-    source = str(tmp_path_factory.mktemp("model") / "llama")
-    make(source, layers=4, hidden=128, mlp=256, heads=4, kv_heads=2, vocab=2000)
-    return source
+    return make_model(str(tmp_path_factory.mktemp("model") / "llama"))
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +105,8 @@ def assert_same_checkpoint(out: str, reference: str) -> None:
         assert_bitwise_equal(actual[name], value, name)
 
 
-@pytest.fixture
-def counted_reads(monkeypatch) -> list[int]:
-    """Bytes work items read from the source in this process (one entry per read)."""
+def count_reads(monkeypatch) -> list[int]:
+    """Bytes convert work items read from the source in this process (one entry per read)."""
     reads: list[int] = []
     real = convert_items._read
 
@@ -114,6 +116,29 @@ def counted_reads(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(convert_items, "_read", counting)
     return reads
+
+
+def count_region_reads(monkeypatch) -> list[int]:
+    """Leaf regions export work items read in this process (one entry per read)."""
+    reads: list[int] = []
+    real = export_items.read_region
+
+    def counting(store, region):
+        reads.append(1)
+        return real(store, region)
+
+    monkeypatch.setattr(export_items, "read_region", counting)
+    return reads
+
+
+@pytest.fixture
+def counted_reads(monkeypatch) -> list[int]:
+    return count_reads(monkeypatch)
+
+
+@pytest.fixture
+def counted_region_reads(monkeypatch) -> list[int]:
+    return count_region_reads(monkeypatch)
 
 
 def cli(*args: str) -> list[str]:
@@ -243,19 +268,6 @@ def test_records_are_adopted_only_whole_and_of_the_plan(tmp_path):
 
 # --------------------------------------------------------------------------------------------
 # export
-
-
-@pytest.fixture
-def counted_region_reads(monkeypatch) -> list[int]:
-    reads: list[int] = []
-    real = export_items.read_region
-
-    def counting(store, region):
-        reads.append(1)
-        return real(store, region)
-
-    monkeypatch.setattr(export_items, "read_region", counting)
-    return reads
 
 
 def export_plan(ckpt: str, out: str, *args: str):

@@ -321,3 +321,21 @@ def test_killed_export_resumes_writing_only_the_rest(reference, reference_export
     assert summary["metrics"]["bytes_read"] == sum(i.bytes_read for i in rest) < 0.75 * summary["bytes_read"]
     assert snapshot(out) == snapshot(reference_export)  # every shard byte for byte
     assert not glob.glob(out + ".ckptbeam-*")
+
+
+def test_pathways_layout_resumes_from_attempt_directories(model, tmp_path, counted_reads):
+    """Without OCDBT an item's writes are its attempt directory's chunk files; those are adopted."""
+    pathways = ("--use_ocdbt=false", "--use_zarr3=false", *ITEMS)
+    reference = str(tmp_path / "reference")
+    convert(model, reference, *pathways)
+    out = str(tmp_path / "out")
+    with pytest.raises(Exception, match="quota exceeded"):
+        convert(model, out, *pathways, convert_fn=FailsHalfWay)
+    (staging,) = glob.glob(os.path.join(out, "0.orbax-checkpoint-tmp-*"))
+    kept = record_ids(staging)
+    counted_reads.clear()
+    summary = convert(model, out, *pathways)
+    assert summary["resumed_items"] == len(kept) > 0
+    plan, _ = convert_plan(model, *pathways)
+    assert sum(counted_reads) == sum(i.bytes_read for i in plan.items if i.item_id not in kept)
+    assert_same_checkpoint(out, reference)

@@ -339,3 +339,22 @@ def test_pathways_layout_resumes_from_attempt_directories(model, tmp_path, count
     plan, _ = convert_plan(model, *pathways)
     assert sum(counted_reads) == sum(i.bytes_read for i in plan.items if i.item_id not in kept)
     assert_same_checkpoint(out, reference)
+
+
+def test_run_that_failed_in_the_stitch_reruns_only_the_stitch(model, reference, tmp_path, monkeypatch):
+    from ckpt_transforms.orbax_io import writer as orbax_writer
+
+    out = str(tmp_path / "out")
+    real = orbax_writer.stitch
+
+    def dies(*args, **kwargs):
+        raise OSError("launcher preempted")
+
+    monkeypatch.setattr(orbax_writer, "stitch", dies)
+    with pytest.raises(Exception, match="launcher preempted"):
+        convert(model, out, *ITEMS)
+    monkeypatch.setattr(orbax_writer, "stitch", real)
+    reads = count_reads(monkeypatch)
+    summary = convert(model, out, *ITEMS)
+    assert summary["resumed_items"] == summary["work_items"] and reads == []
+    assert_same_checkpoint(out, reference)

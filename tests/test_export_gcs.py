@@ -414,3 +414,28 @@ def test_killed_gcs_export_resumes_writing_only_the_rest(gcs, proxy, tmp_path, m
     assert summary["metrics"]["bytes_read"] == sum(i.bytes_read for i in rest)
     _assert_same_export(gcs.local_hf, _download(gcs, "resumed", tmp_path / "resumed"))
     assert not [o for o in _objects(gcs, "resumed") if "ckptbeam-tmp" in o]
+
+
+def test_failure_while_publishing_keeps_the_items_and_the_rerun_publishes(gcs, proxy, tmp_path):
+    """Composing fails half-way: the final objects already written are removed, the staged items
+    and segments are kept, and the rerun redoes no item, only the segments and the publishing."""
+    composes = {"n": 0}
+
+    def fault(method, path, headers):
+        if method == "POST" and "/compose" in path:
+            composes["n"] += 1
+            return 403 if composes["n"] == 3 else None
+        return None
+
+    proxy.fault = fault
+    with pytest.raises(Exception, match="403"):
+        export(gcs.ckpt, f"gs://{BUCKET}/retried", *SMALL)
+    assert not _objects(gcs, "retried/")  # nothing at OUT/
+    assert [o for o in _objects(gcs, "retried.ckptbeam-tmp-") if "/parts/" in o]
+    proxy.fault = None
+    proxy.uploads.clear()
+    summary = export(gcs.ckpt, f"gs://{BUCKET}/retried", *SMALL)
+    assert summary["resumed_items"] == summary["work_items"]
+    assert "items_done" not in summary["metrics"] or summary["metrics"]["items_done"] == 0
+    assert not [u for u in _uploads(proxy) if "/scatter/" in u]  # no item ran again
+    _assert_same_export(gcs.local_hf, _download(gcs, "retried", tmp_path / "retried"))

@@ -358,3 +358,19 @@ def test_run_that_failed_in_the_stitch_reruns_only_the_stitch(model, reference, 
     summary = convert(model, out, *ITEMS)
     assert summary["resumed_items"] == summary["work_items"] and reads == []
     assert_same_checkpoint(out, reference)
+
+
+def test_plan_hash_is_the_same_in_another_process():
+    """A rerun is another process (another hash seed): the plan hash must not depend on it.
+    Quantized sources (decode ops) and a multimodal one, to cover every kind of op."""
+    from conftest import FIXTURES
+
+    sources = [os.path.join(FIXTURES, f) for f in ("deepseek3_fp8", "gpt_oss_mxfp4", "gemma3_mm_bf16")]
+    code = (
+        "from test_resume import convert_plan\n"
+        f"for s in {sources!r}:\n    print(convert_plan(s, '--max_item_bytes=256KiB')[1])"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
+    other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    ours = [convert_plan(s, "--max_item_bytes=256KiB")[1] for s in sources]
+    assert other.stdout.split()[-3:] == ours

@@ -28,6 +28,7 @@ from ckpt_transforms.storage.sources import ByteSource, open_source
 from pipelines.graph import METRICS_NAMESPACE, ConvertWorkItem, build_pipeline
 from pipelines.options import BOOL_WORDS, ConvertOptions, check_argv, convert_parser, parse_only, str2bool
 from pipelines.progress import ProgressMonitor
+from pipelines.resume import Staging, convert_plan_id, keep_after_failure, prepare_convert
 
 log = logging.getLogger("ckptbeam")
 
@@ -208,17 +209,18 @@ def format_summary(summary: dict) -> str:
     )
 
 
-def _prepare_output(output: str, replace: bool = False) -> str:
-    """Refuse an existing checkpoint (unless replacing it), clear our own unfinished leftovers."""
+def _prepare_output(
+    output: str, replace: bool, plan: Plan, provenance: dict, layout: orbax_writer.Layout, adopt: bool
+) -> Staging:
+    """Refuse an existing checkpoint (unless replacing it); resume the unfinished run of the same
+    plan (`adopt`), clear every other unfinished run of ours."""
     problem = None if replace else orbax_writer.existing_step_error(output)
     if problem:
         raise FileExistsError(problem)
-    for stale in orbax_writer.stale_staging_dirs(output):
-        log.info("removing leftovers of an earlier unfinished run: %s", stale)
-        outdir.remove_tree(stale)
-    staging = orbax_writer.new_staging_dir(output)
-    outdir.make_dirs(outdir.join(staging, "items"))
-    return staging
+    stage = prepare_convert(output, plan, convert_plan_id(plan, provenance, layout), layout, adopt)
+    if stage.resumed:
+        print(f"ckptbeam: resuming the unfinished run at {stage.path}: {stage.line(len(plan.items))}", flush=True)
+    return stage
 
 
 def normalize_argv(argv: list[str]) -> list[str]:
@@ -309,7 +311,9 @@ def _convert_locked(options, opts, output, source, model, plan, provenance, summ
     if replace:
         print(f"ckptbeam: re-converting; {orbax_writer.final_step_dir(output)} is replaced after commit because: "
               + "; ".join(reasons), file=report)  # fmt: skip
-    staging = _prepare_output(output, replace)
+    layout = orbax_writer.Layout(use_ocdbt=opts.use_ocdbt, use_zarr3=opts.use_zarr3)
+    stage = _prepare_output(output, replace, plan, provenance, layout, adopt=not opts.no_resume)
+    staging = stage.path
     runner = options.view_as(StandardOptions).runner or ""
     try:
         # config, generation config and tokenizer go with the checkpoint, so `export` can
@@ -319,8 +323,8 @@ def _convert_locked(options, opts, output, source, model, plan, provenance, summ
             p = beam.Pipeline(options=options)
             # Workers open the pinned URI (hf://org/repo@<commit>), so all read the same files.
             build_pipeline(
-                p, plan, source.uri, staging, output, opts.item_attempts, convert_fn, provenance, replace,
-                orbax_writer.Layout(use_ocdbt=opts.use_ocdbt, use_zarr3=opts.use_zarr3),
+                p, plan, source.uri, staging, output, opts.item_attempts, convert_fn, provenance, replace, layout,
+                resume_plan=stage.plan_id, adopted=stage.adopted,
             )  # fmt: skip
             result = p.run()
             if runner.endswith("DataflowRunner"):
@@ -334,7 +338,8 @@ def _convert_locked(options, opts, output, source, model, plan, provenance, summ
             result.wait_until_finish()
     except BaseException:
         # A lost lease (gs://: taken over after missed heartbeats): OUT/0 is the other run's now.
-        if not lease.lost(output) and orbax_writer.discard_staging(staging):
+        owned = not lease.lost(output)
+        if owned and not keep_after_failure(staging, not opts.no_resume) and orbax_writer.discard_staging(staging):
             log.error("conversion failed; nothing was published at %s (staging %s removed)", output, staging)
         raise
     elapsed = time.time() - started
@@ -348,11 +353,13 @@ def _convert_locked(options, opts, output, source, model, plan, provenance, summ
         runner=options.view_as(StandardOptions).runner,
         metrics=counters,
         largest_item_working_bytes=max((item_working_bytes(i) for i in plan.items), default=0),
+        resumed_items=len(stage.adopted),
     )
+    resumed = f"\n  {stage.line(len(plan.items))}" if stage.resumed else ""
     print(
         f"ckptbeam: converted {_param_count(summary)} params ({human_bytes(summary['bytes_written'])}) in "
         f"{elapsed:.2f} s, {human_bytes(summary['bytes_written'] / max(elapsed, 1e-9))}/s"
-        f"{_partial_note(summary, _PARTIAL_LINE)}\n"
+        f"{_partial_note(summary, _PARTIAL_LINE)}{resumed}\n"
         f"  output          {summary['output']}\n"
         f"{_maxtext_lines(summary, plan.family)}",
         file=report,

@@ -25,7 +25,6 @@ from ckpt_transforms.orbax_io.reader import Checkpoint, load_checkpoint, step_di
 from ckpt_transforms.planning.convert_plan import PlanError
 from ckpt_transforms.planning.export_plan import ExportPlan, build_export_plan
 from ckpt_transforms.planning.specs import expand_targets
-from ckpt_transforms.safetensors_io.writer import create_shards
 from ckpt_transforms.storage import lease, outdir
 from ckpt_transforms.storage.hf_side_files import (
     CONFIG,
@@ -35,7 +34,6 @@ from ckpt_transforms.storage.hf_side_files import (
 )
 from pipelines.convert import emit_summary, format_selected, human_bytes, normalize_argv, report_stream
 from pipelines.export_graph import (
-    DONE_DIR,
     EXPORT_PROVENANCE_FILE,
     METRICS_NAMESPACE,
     OLD_INFIX,
@@ -46,6 +44,7 @@ from pipelines.export_graph import (
 )
 from pipelines.options import parse_only, split_export_argv
 from pipelines.progress import ProgressMonitor
+from pipelines.resume import Staging, export_plan_id, keep_after_failure, prepare_export
 
 log = logging.getLogger("ckptbeam")
 STAGING_INFIX = ".ckptbeam-tmp-"
@@ -256,25 +255,25 @@ def _export_locked(args, beam_argv, output, plan, checkpoint, side, provenance, 
     if up_to_date:
         print(f"ckptbeam: {output} is up to date (same checkpoint and options); nothing to do", file=report)
         return emit_summary({**summary, "up_to_date": True}, args.json)
-    for stale in _stale_staging(output):
-        log.info("removing leftovers of an earlier unfinished export: %s", stale)
-        outdir.remove_tree(stale)
     if not outdir.is_gcs(output):
         os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
-    staging = f"{output}{STAGING_INFIX}{int(time.time() * 1000)}"
-    outdir.make_dirs(outdir.join(staging, DONE_DIR))
+    stage = _prepare_staging(output, plan, provenance, adopt=not args.no_resume)
+    staging = stage.path
     options = PipelineOptions(normalize_argv(beam_argv))
     try:
-        create_shards(staging, plan.shards)
         with ProgressMonitor(staging, len(plan.items), summary["bytes_written"], counter=lambda: count_done(staging)):
             p = beam.Pipeline(options=options)
-            build_export_pipeline(p, plan, checkpoint, staging, output, side, provenance, replace, args.item_attempts)
+            build_export_pipeline(
+                p, plan, checkpoint, staging, output, side, provenance, replace, args.item_attempts,
+                resume_plan=stage.plan_id, adopted=stage.adopted,
+            )  # fmt: skip
             result = p.run()
             result.wait_until_finish()
     except BaseException:
+        keep = keep_after_failure(staging, not args.no_resume)
         if outdir.is_gcs(staging):
-            _remove_failed_gcs_export(staging, output, published_names(plan.shards, side))
-        elif os.path.isdir(staging):
+            _remove_failed_gcs_export(staging, output, published_names(plan.shards, side), keep)
+        elif not keep and os.path.isdir(staging):
             shutil.rmtree(staging, ignore_errors=True)
             log.error("export failed; nothing was published at %s (staging %s removed)", output, staging)
         raise
@@ -283,10 +282,11 @@ def _export_locked(args, beam_argv, output, plan, checkpoint, side, provenance, 
         m.key.metric.name: m.committed
         for m in result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))["counters"]
     }
-    summary.update(seconds=round(elapsed, 3), metrics=counters)
+    summary.update(seconds=round(elapsed, 3), metrics=counters, resumed_items=len(stage.adopted))
+    resumed = f"\n  {stage.line(len(plan.items))}" if stage.resumed else ""
     print(
         f"ckptbeam: exported {summary['hf_tensors']} tensors ({human_bytes(summary['bytes_written'])}) in "
-        f"{elapsed:.2f} s, {human_bytes(summary['bytes_written'] / max(elapsed, 1e-9))}/s\n"
+        f"{elapsed:.2f} s, {human_bytes(summary['bytes_written'] / max(elapsed, 1e-9))}/s{resumed}\n"
         f"  output          {output}",
         file=report,
         flush=True,
@@ -294,15 +294,29 @@ def _export_locked(args, beam_argv, output, plan, checkpoint, side, provenance, 
     return emit_summary(summary, args.json)
 
 
-def _remove_failed_gcs_export(staging: str, output: str, names: list[str]) -> None:
+def _remove_failed_gcs_export(staging: str, output: str, names: list[str], keep_staging: bool = False) -> None:
     """Remove what a failed gs:// run wrote: the final objects if it had started publishing
-    (provenance first), then its staging prefix (parts, intermediates, markers)."""
+    (provenance first), then its staging prefix (parts, intermediates, markers) unless it is
+    kept for a resuming rerun."""
     try:
-        if outdir.file_exists(outdir.join(staging, PUBLISHING_MARK)):
+        mark = outdir.join(staging, PUBLISHING_MARK)
+        if outdir.file_exists(mark):
             for name in names:
                 outdir.remove_file(outdir.join(output, name))
+            outdir.remove_file(mark)
+        if keep_staging:
+            return
         outdir.remove_tree(staging)
     except Exception as e:  # the original error matters more; the next run clears the staging prefix
         log.error("export failed, and cleaning up after it failed too (%s); leftovers under %s", e, staging)
         return
     log.error("export failed; nothing was published at %s (staging %s removed)", output, staging)
+
+
+def _prepare_staging(output: str, plan: ExportPlan, provenance: dict, adopt: bool) -> Staging:
+    """Resume the unfinished export of the same plan (`adopt`), or start a fresh staging."""
+    fresh = f"{output}{STAGING_INFIX}{int(time.time() * 1000)}"
+    stage = prepare_export(_stale_staging(output), fresh, plan, export_plan_id(plan, provenance, output), adopt)
+    if stage.resumed:
+        print(f"ckptbeam: resuming the unfinished export at {stage.path}: {stage.line(len(plan.items))}", flush=True)
+    return stage

@@ -36,12 +36,12 @@ from ckpt_transforms.safetensors_io.writer import (
     plan_segments,
     segment_bytes,
 )
-from ckpt_transforms.storage import lease, outdir
+from ckpt_transforms.storage import lease, outdir, resume
 from ckpt_transforms.work_items.export import LeafCache, run_export_item
 
 log = logging.getLogger("ckptbeam")
 METRICS_NAMESPACE = "ckptbeam"
-DONE_DIR = ".ckptbeam_done"  # one empty file per finished item: progress for the launcher
+DONE_DIR = resume.RECORDS_DIR  # one record per finished item: resume state and progress for the launcher
 EXPORT_PROVENANCE_FILE = "ckptbeam_export.json"
 # gs:// only: written to the staging prefix once the finalize step starts writing at OUT/, so a
 # failed run knows the final objects it has to remove (before it, OUT/ is untouched).
@@ -55,12 +55,38 @@ class ExportRecord:
     bytes_written: int
     scatter: tuple[Scatter, ...] = ()  # gs://: the item's small runs, for the segment stage
 
+    def payload(self) -> dict:
+        """What the durable resume record of this item holds besides its id."""
+        return {"bytes_written": self.bytes_written, "scatter": [[s.file, s.name, s.runs] for s in self.scatter]}
+
+    @classmethod
+    def from_payload(cls, item_id: int, payload: dict) -> ExportRecord | None:
+        try:
+            written = payload["bytes_written"]
+            scatter = tuple(
+                Scatter(str(f), str(n), tuple(tuple(int(x) for x in r) for r in runs))
+                for f, n, runs in payload["scatter"]
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+        return cls(item_id, written, scatter) if isinstance(written, int) else None
+
 
 class ExportWorkItem(beam.DoFn):
     """Read whole chunks of an item's leaves, undo the conversion ops, write the HF bytes."""
 
-    def __init__(self, checkpoint: Checkpoint, staging_dir: str, shards: list[ShardLayout], total: int, attempts: int):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        staging_dir: str,
+        shards: list[ShardLayout],
+        total: int,
+        attempts: int,
+        resume_plan: str | None = None,
+    ):
+        """`resume_plan`: the plan hash; each item's bytes are then made durable and recorded."""
         self.checkpoint, self.staging_dir, self.shards = checkpoint, staging_dir, shards
+        self.resume_plan = resume_plan
         self.total, self.attempts = total, max(1, attempts)
         self.items_done = Metrics.counter(METRICS_NAMESPACE, "items_done")
         self.item_retries = Metrics.counter(METRICS_NAMESPACE, "item_retries")
@@ -95,12 +121,25 @@ class ExportWorkItem(beam.DoFn):
         self.items_done.inc()
         self.bytes_read.inc(item.bytes_read)
         self.bytes_written.inc(written)
-        mark_done(self.staging_dir, item.item_id)
+        record = ExportRecord(item.item_id, written, tuple(scatter))
+        self._record(record)
         faults.point("item")
         log.debug(
             "export item %d/%d done: %s in %.2f s", item.item_id + 1, self.total, item.label, time.time() - started
         )
-        yield ExportRecord(item.item_id, written, tuple(scatter))
+        yield record
+
+    def _record(self, record: ExportRecord) -> None:
+        """Record the item for a resuming rerun once its bytes are durable (gs://: uploaded by
+        `end_item`; locally: fsynced here); without a plan hash, a bare progress marker."""
+        if self.resume_plan is None:
+            mark_done(self.staging_dir, record.item_id)
+            return
+        self.writer.flush()
+        try:
+            resume.write_record(self.staging_dir, self.resume_plan, record.item_id, record.payload())
+        except Exception as e:  # noqa: BLE001 - only a rerun loses something: it redoes this item
+            log.warning("export work item %d: could not write its resume record: %s", record.item_id, e)
 
     def finish_bundle(self) -> None:
         # Durable before the bundle's records are committed.
@@ -135,7 +174,7 @@ class FinalizeExport(beam.DoFn):
             with open(os.path.join(self.staging_dir, name), "wb") as f:
                 f.write(data)
                 os.fsync(f.fileno())
-        _remove_tree(os.path.join(self.staging_dir, DONE_DIR))
+        resume.forget(self.staging_dir)
         faults.point("stitch")
         yield publish_dir(self.staging_dir, self.output, self.replace)
 
@@ -191,10 +230,7 @@ def mark_done(staging: str, item_id: int) -> None:
 
 def count_done(staging: str) -> int:
     """Finished items so far (one listing on gs://)."""
-    try:
-        return len(outdir.list_files(outdir.join(staging, DONE_DIR)))
-    except FileNotFoundError:
-        return 0
+    return resume.count_records(staging)
 
 
 def published_names(shards: list[ShardLayout], side_files: dict[str, bytes]) -> list[str]:
@@ -267,13 +303,21 @@ def build_export_pipeline(
     provenance: dict,
     replace: bool,
     attempts: int = 3,
+    resume_plan: str | None = None,
+    adopted: list[ExportRecord] = (),
 ) -> beam.PCollection:
+    """`adopted`: records of items an unfinished run of the same plan committed; only the other
+    items run, and the finalize step counts both."""
+    done = {r.item_id for r in adopted}
+    work = ExportWorkItem(checkpoint, staging, plan.shards, len(plan.items), attempts, resume_plan)
     records = (
         p
-        | "CreateExportItems" >> beam.Create(plan.items, reshuffle=False)
+        | "CreateExportItems" >> beam.Create([i for i in plan.items if i.item_id not in done], reshuffle=False)
         | "Reshuffle" >> beam.Reshuffle()
-        | "ExportWorkItem" >> beam.ParDo(ExportWorkItem(checkpoint, staging, plan.shards, len(plan.items), attempts))
+        | "ExportWorkItem" >> beam.ParDo(work)
     )
+    if adopted:
+        records = (records, p | "AdoptedRecords" >> beam.Create(list(adopted))) | "WithAdopted" >> beam.Flatten()
     collected = records | "CollectRecords" >> beam.combiners.ToList()
     if outdir.is_gcs(output):
         collected = (

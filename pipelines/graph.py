@@ -23,7 +23,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from ckpt_transforms import faults
 from ckpt_transforms.orbax_io import writer as orbax_writer
 from ckpt_transforms.planning.convert_plan import DEFAULT_MAX_ITEM_BYTES, ArrayPlan, Plan, WorkItem, item_working_bytes
-from ckpt_transforms.storage import lease, outdir
+from ckpt_transforms.storage import lease, outdir, resume
 from ckpt_transforms.storage.provenance import PROVENANCE_FILE
 from ckpt_transforms.storage.sources import SourceError, open_source
 from ckpt_transforms.tensors.buffers import BufferPool
@@ -40,6 +40,17 @@ class WrittenRecord:
     item_id: int
     db_id: str
     bytes_written: int
+
+    def payload(self) -> dict:
+        """What the durable resume record of this item holds besides its id."""
+        return {"db": self.db_id, "bytes_written": self.bytes_written}
+
+    @classmethod
+    def from_payload(cls, item_id: int, payload: dict) -> WrittenRecord | None:
+        db, written = payload.get("db"), payload.get("bytes_written")
+        if not isinstance(db, str) or not isinstance(written, int) or not orbax_writer.is_attempt_id(db):
+            return None
+        return cls(item_id, db, written)
 
 
 @dataclass
@@ -77,8 +88,11 @@ class ConvertWorkItem(beam.DoFn):
         attempts: int = 3,
         layout: orbax_writer.Layout = orbax_writer.DEFAULT_LAYOUT,
         in_flight_bytes: int = DEFAULT_MAX_ITEM_BYTES,
+        resume_plan: str | None = None,
     ):
+        """`resume_plan`: the plan hash; each committed item is then recorded for a resuming rerun."""
         self.source_uri = source_uri
+        self.resume_plan = resume_plan
         self.in_flight_bytes = in_flight_bytes
         self.layout = layout
         self.items_dir = items_dir
@@ -153,6 +167,8 @@ class ConvertWorkItem(beam.DoFn):
         self.bytes_read.inc(item.bytes_read)
         self.bytes_written.inc(item.bytes_written)
         self.item_ms.update(int(elapsed * 1000))
+        record = WrittenRecord(item.item_id, flight.db_id, item.bytes_written)
+        self._record(record)
         log.info(
             "work item %d/%d done: %s %s, %.2f MB in %.2f s",
             item.item_id + 1,
@@ -163,7 +179,17 @@ class ConvertWorkItem(beam.DoFn):
             elapsed,
         )
         faults.point("item")
-        return WrittenRecord(item.item_id, flight.db_id, item.bytes_written)
+        return record
+
+    def _record(self, record: WrittenRecord) -> None:
+        """The durable record of a committed item (its database committed above), for a rerun."""
+        if self.resume_plan is None:
+            return
+        staging = self.items_dir.rstrip("/").rsplit("/", 1)[0]
+        try:
+            resume.write_record(staging, self.resume_plan, record.item_id, record.payload())
+        except Exception as e:  # noqa: BLE001 - only a rerun loses something: it redoes this item
+            log.warning("work item %d: could not write its resume record: %s", record.item_id, e)
 
     def process(self, item):
         # Wait for the oldest commits until this item fits next to the ones still in flight.
@@ -217,6 +243,7 @@ class StitchAndCommit(beam.DoFn):
         stats = orbax_writer.stitch(items_dir, [r.db_id for r in by_item.values()], self.arrays, self.layout)
         faults.point("stitch")
         lease.verify_held(self.output)  # fencing: a run whose lease was taken over must not commit
+        resume.forget(self.staging_dir)  # a committed step keeps no resume state
         if self.provenance is not None:
             outdir.write_text(outdir.join(self.staging_dir, PROVENANCE_FILE), json.dumps(self.provenance, indent=1))
         orbax_writer.commit_step(self.staging_dir, self.custom)
@@ -236,19 +263,36 @@ def build_pipeline(
     provenance: dict | None = None,
     replace: bool = False,
     layout: orbax_writer.Layout = orbax_writer.DEFAULT_LAYOUT,
+    resume_plan: str | None = None,
+    adopted: list[WrittenRecord] = (),
 ) -> beam.PCollection:
-    """The Beam graph over a plan; `convert_fn` lets tests inject faults into the worker step."""
+    """The Beam graph over a plan; `convert_fn` lets tests inject faults into the worker step.
+
+    `adopted`: records of items an unfinished run of the same plan committed; only the other
+    items run, and the stitch merges both."""
     items_dir = os.path.join(staging_dir, "items")
     custom = {"scan_layers": plan.scan_layers}
+    done = {r.item_id for r in adopted}
     records = (
         p
-        | "CreateWorkItems" >> beam.Create(plan.items, reshuffle=False)
+        | "CreateWorkItems" >> beam.Create([i for i in plan.items if i.item_id not in done], reshuffle=False)
         | "Reshuffle" >> beam.Reshuffle()
         | "ConvertWorkItem"
         >> beam.ParDo(
-            convert_fn(source_uri, items_dir, plan.arrays, len(plan.items), attempts, layout, plan.max_item_bytes)
+            convert_fn(
+                source_uri,
+                items_dir,
+                plan.arrays,
+                len(plan.items),
+                attempts,
+                layout,
+                plan.max_item_bytes,
+                resume_plan=resume_plan,
+            )  # fmt: skip
         )
     )
+    if adopted:
+        records = (records, p | "AdoptedRecords" >> beam.Create(list(adopted))) | "WithAdopted" >> beam.Flatten()
     return (
         records
         | "CollectRecords" >> beam.combiners.ToList()

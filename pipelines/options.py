@@ -179,6 +179,13 @@ class ConvertOptions(PipelineOptions):
             default=3,
             help="Attempts per work item inside a worker (each into a fresh OCDBT database)",
         )
+        add_bool(
+            parser,
+            "--no_resume",
+            False,
+            "Start clean: remove an unfinished run's committed work items instead of reusing them (by "
+            "default a rerun with the same plan reuses them and converts only the rest)",
+        )
         parser.add_argument(
             "--only",
             default=None,
@@ -275,6 +282,13 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
         "Re-export even if OUTPUT is up to date, and replace an OUTPUT ckptbeam did not write",
     )
     parser.add_argument("--item_attempts", type=int, default=3, help="Attempts per work item inside a worker")
+    add_bool(
+        parser,
+        "--no_resume",
+        False,
+        "Start clean: remove an unfinished export's written items instead of reusing them (by default a "
+        "rerun with the same plan reuses them and exports only the rest)",
+    )
     add_bool(
         parser,
         "--dry_run",

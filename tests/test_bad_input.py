@@ -151,5 +151,5 @@ class AlwaysFails(ConvertWorkItem):
 
 def test_failure_during_conversion_publishes_nothing(model, out_dir):
     with pytest.raises(Exception, match="disk on fire"):
-        convert(str(model), out_dir, convert_fn=AlwaysFails)
+        convert(str(model), out_dir, "--no_resume", convert_fn=AlwaysFails)
     _assert_nothing_published(out_dir)

@@ -188,7 +188,7 @@ def test_a_truncated_chunk_fails_and_publishes_nothing(ckpt, tmp_path):
         f.truncate(os.path.getsize(biggest) // 2)
     out = str(tmp_path / "hf")
     with pytest.raises(Exception, match="export work item"):
-        _export(copy, out)
+        _export(copy, out, "--no_resume")
     assert not os.path.exists(out) and _no_staging_left(out)
 
 

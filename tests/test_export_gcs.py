@@ -225,7 +225,7 @@ def test_failing_item_publishes_nothing_and_leaves_no_parts(gcs, proxy):
 
     proxy.body_fault = fault
     with pytest.raises(Exception) as info:
-        export(gcs.ckpt, f"gs://{BUCKET}/failed", *SMALL)
+        export(gcs.ckpt, f"gs://{BUCKET}/failed", *SMALL, "--no_resume")
     message = str(info.value)
     assert f"gs://{BUCKET}/failed.ckptbeam-tmp-" in message and "403" in message, message
     assert "export work item" in message
@@ -244,7 +244,7 @@ def test_failure_while_publishing_removes_the_objects_already_written(gcs, proxy
 
     proxy.fault = fault
     with pytest.raises(Exception, match="403"):
-        export(gcs.ckpt, f"gs://{BUCKET}/halfway", *SMALL)
+        export(gcs.ckpt, f"gs://{BUCKET}/halfway", *SMALL, "--no_resume")
     assert composes["n"] >= 3  # shards compose in parallel: the others may finish
     assert _objects(gcs, "halfway") == {}
 
@@ -261,7 +261,7 @@ def test_missing_part_is_named_and_nothing_is_published(gcs, proxy, monkeypatch)
 
     monkeypatch.setattr(shard_writer, "list_parts", lose_one)
     with pytest.raises(Exception, match=r"model-00003-of-00004\.safetensors.*: bytes \[\d+, \d+\) .* never written"):
-        export(gcs.ckpt, f"gs://{BUCKET}/gap", *SMALL)
+        export(gcs.ckpt, f"gs://{BUCKET}/gap", *SMALL, "--no_resume")
     assert _objects(gcs, "gap") == {}
 
 
@@ -386,3 +386,56 @@ def test_shard_of_many_parts_is_composed_in_rounds(gcs, proxy):
     assert len(intermediates) == 3
     outdir.remove_tree(staging)
     outdir.remove_tree(output)
+
+
+def test_killed_gcs_export_resumes_writing_only_the_rest(gcs, proxy, tmp_path, monkeypatch):
+    """gs:// output: a killed export's records (with their scatter objects) are adopted; the
+    rerun uploads only the other items' bytes and publishes the same shards."""
+    from test_resume import cli, count_region_reads, export_plan, kill_when_half_done, record_ids
+
+    out = f"gs://{BUCKET}/resumed"
+    plan, _ = export_plan(gcs.local_ckpt, out, *SMALL)
+
+    def staging() -> str | None:
+        found = outdir.list_children(f"gs://{BUCKET}", prefix="resumed.ckptbeam-tmp-")
+        return f"gs://{BUCKET}/{found[0]}" if found else None
+
+    kill_when_half_done(cli("export", "--source", gcs.local_ckpt, "--output", out, *SMALL), staging, len(plan.items))
+    adopted = record_ids(staging())
+    assert len(plan.items) // 2 <= len(adopted) < len(plan.items)
+    assert not _objects(gcs, "resumed/")
+
+    reads = count_region_reads(monkeypatch)
+    summary = export(gcs.local_ckpt, out, *SMALL)
+
+    assert summary["resumed_items"] == len(adopted)
+    rest = [i for i in plan.items if i.item_id not in adopted]
+    assert len(reads) == sum(len(i.reads) for i in rest)
+    assert summary["metrics"]["bytes_read"] == sum(i.bytes_read for i in rest)
+    _assert_same_export(gcs.local_hf, _download(gcs, "resumed", tmp_path / "resumed"))
+    assert not [o for o in _objects(gcs, "resumed") if "ckptbeam-tmp" in o]
+
+
+def test_failure_while_publishing_keeps_the_items_and_the_rerun_publishes(gcs, proxy, tmp_path):
+    """Composing fails half-way: the final objects already written are removed, the staged items
+    and segments are kept, and the rerun redoes no item, only the segments and the publishing."""
+    composes = {"n": 0}
+
+    def fault(method, path, headers):
+        if method == "POST" and "/compose" in path:
+            composes["n"] += 1
+            return 403 if composes["n"] == 3 else None
+        return None
+
+    proxy.fault = fault
+    with pytest.raises(Exception, match="403"):
+        export(gcs.ckpt, f"gs://{BUCKET}/retried", *SMALL)
+    assert not _objects(gcs, "retried/")  # nothing at OUT/
+    assert [o for o in _objects(gcs, "retried.ckptbeam-tmp-") if "/parts/" in o]
+    proxy.fault = None
+    proxy.uploads.clear()
+    summary = export(gcs.ckpt, f"gs://{BUCKET}/retried", *SMALL)
+    assert summary["resumed_items"] == summary["work_items"]
+    assert "items_done" not in summary["metrics"] or summary["metrics"]["items_done"] == 0
+    assert not [u for u in _uploads(proxy) if "/scatter/" in u]  # no item ran again
+    _assert_same_export(gcs.local_hf, _download(gcs, "retried", tmp_path / "retried"))

@@ -187,7 +187,7 @@ def test_permanent_404_fails_the_item_and_publishes_nothing(gcs, proxy):
 
     proxy.fault = fault
     with pytest.raises(Exception) as info:
-        convert(_source(SHARDED), "gs://ckpts/failed")
+        convert(_source(SHARDED), "gs://ckpts/failed", "--no_resume")
     message = str(info.value)
     assert f"gs://{MODELS}/hf/{SHARDED}/{shard}" in message and "404" in message
     assert _objects(gcs, "failed/") == []
@@ -274,3 +274,36 @@ def test_output_uri_checks():
     with pytest.raises(ValueError, match="names no bucket"):
         outdir.normalize("gs:///x")
     assert outdir.normalize("gs://b/x/") == "gs://b/x"
+
+
+def test_killed_gcs_convert_resumes_reading_only_the_rest(gcs, proxy, tmp_path, monkeypatch):
+    """gs:// output: the step is written in place at OUT/0; a killed run's records there are adopted."""
+    from test_resume import (
+        ITEMS,
+        assert_same_checkpoint,
+        cli,
+        convert_plan,
+        count_reads,
+        kill_when_half_done,
+        make_model,
+        record_ids,
+    )
+
+    model = make_model(str(tmp_path / "model"))
+    reference = str(tmp_path / "reference")
+    convert(model, reference, *ITEMS)
+    plan, _ = convert_plan(model, *ITEMS)
+    out, staging = "gs://ckpts/resumed", "gs://ckpts/resumed/0"
+    kill_when_half_done(cli("convert", "--source", model, "--output", out, *ITEMS), lambda: staging, len(plan.items))
+    adopted = record_ids(staging)
+    assert len(plan.items) // 2 <= len(adopted) < len(plan.items)
+    assert orbax_writer.COMMIT_FILE not in outdir.list_children(staging)
+
+    reads = count_reads(monkeypatch)
+    summary = convert(model, out, *ITEMS)
+
+    assert summary["resumed_items"] == len(adopted)
+    assert sum(reads) == sum(i.bytes_read for i in plan.items if i.item_id not in adopted)
+    objects = _objects(gcs, "resumed/")
+    assert not [o for o in objects if ".ckptbeam_" in o or orbax_writer.IN_PROGRESS_MARK in o]
+    assert_same_checkpoint(_download(gcs, "resumed", tmp_path / "resumed"), reference)

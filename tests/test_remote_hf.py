@@ -141,7 +141,7 @@ def test_permanent_404_fails_the_item_and_publishes_nothing(hf, out_dir):
     hf.fault = lambda method, repo, filename, start: 404 if filename == shard and start and start > 8 else None
     commit = hf.repos["acme/tiny"].commit
     with pytest.raises(Exception) as info:
-        convert("hf://acme/tiny", out_dir)
+        convert("hf://acme/tiny", out_dir, "--no_resume")
     message = str(info.value)
     assert f"hf://acme/tiny@{commit}/{shard}" in message and "HTTP 404" in message
     assert not os.path.exists(os.path.join(out_dir, "0"))

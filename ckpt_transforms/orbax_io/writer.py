@@ -312,13 +312,41 @@ def stitch(items_dir: str, db_ids: list[str], arrays: list[ArrayPlan], layout: L
         keep = set()
     merge_seconds = time.time() - started
     _write_json(outdir.join(items_dir, "_METADATA"), tree_metadata(arrays, layout))
+    removed = remove_attempts(items_dir, keep)
+    # Without OCDBT the named attempts' directories are empty now (their files moved): not leftovers.
+    removed = [e for e in removed if not (e.startswith(ATTEMPT_PREFIX) and e[len(ATTEMPT_PREFIX) :] in named)]
+    return {"databases": len(named), "merge_seconds": merge_seconds, "removed_leftovers": removed}
+
+
+def is_attempt_id(db_id: str) -> bool:
+    return bool(_DB_ID.match(db_id))
+
+
+def remove_attempts(items_dir: str, keep: set[str]) -> list[str]:
+    """Remove every attempt's database or chunk directory whose entry name is not in `keep`;
+    returns the entries removed."""
     removed = []
     for entry in outdir.list_children(items_dir):
         if entry.startswith((PROCESS_PREFIX, ATTEMPT_PREFIX)) and entry not in keep:
             outdir.remove_tree(outdir.join(items_dir, entry))
-            if not (entry.startswith(ATTEMPT_PREFIX) and entry[len(ATTEMPT_PREFIX) :] in named):
-                removed.append(entry)
-    return {"databases": len(named), "merge_seconds": merge_seconds, "removed_leftovers": removed}
+            removed.append(entry)
+    return removed
+
+
+def attempt_entry(db_id: str, layout: Layout) -> str:
+    """The entry under `items/` that holds attempt `db_id`'s writes."""
+    return (PROCESS_PREFIX if layout.use_ocdbt else ATTEMPT_PREFIX) + db_id
+
+
+def committed_attempts(items_dir: str, layout: Layout) -> set[str]:
+    """Attempt ids whose writes are there: OCDBT databases with a manifest (it appears when the
+    database commits); without OCDBT, attempt directories (their files are checked by the stitch,
+    which may already have moved some of them into place)."""
+    prefix = attempt_entry("", layout)
+    files = outdir.list_files(items_dir, prefix=prefix)
+    if not layout.use_ocdbt:
+        return {f.split("/", 1)[0][len(prefix) :] for f in files}
+    return {f.split("/", 1)[0][len(prefix) :] for f in files if f.count("/") == 1 and f.endswith("/manifest.ocdbt")}
 
 
 def commit_step(step_dir: str, custom_metadata: dict) -> None:

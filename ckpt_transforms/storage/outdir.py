@@ -83,6 +83,9 @@ def write_bytes(path: str, data: bytes) -> None:
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(data)
+        # Durable before it is visible: a resume record or a commit marker must never name data
+        # that a crash could still lose.
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -97,6 +100,21 @@ def read_bytes(path: str) -> bytes | None:
             return f.read()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
+
+
+def read_many(paths: list[str]) -> list[bytes | None]:
+    """Many small files' bytes (None where absent); on GCS the reads are issued all at once."""
+    if not paths or not is_gcs(paths[0]):
+        return [read_bytes(p) for p in paths]
+    stores: dict[str, ts.KvStore] = {}
+    futures = []
+    for path in paths:
+        parent, name = posixpath.split(path)
+        if parent not in stores:
+            stores[parent] = _gcs_kvstore(parent)
+        futures.append(stores[parent].read(name))
+    results = [f.result() for f in futures]
+    return [bytes(r.value) if r.state == "value" else None for r in results]
 
 
 def read_text(path: str) -> str | None:
@@ -212,7 +230,7 @@ def move_files(src_dir: str, dst_dir: str, rel_paths: list[str]) -> None:
 def make_dirs(directory: str) -> None:
     """Create a local directory tree; GCS has no directories, so nothing to do there."""
     if not is_gcs(directory):
-        os.makedirs(directory)
+        os.makedirs(directory, exist_ok=True)
 
 
 _RENAME_EXCHANGE = 2  # linux/fs.h

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import os
 import sys
 import tempfile
+import traceback
 
 DEMO_MODEL = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "llama_bf16"
@@ -23,7 +25,8 @@ commands:
             and estimate its wall time for N workers
   demo      convert the bundled tiny Llama model, inspect it and export it back to HF
 
-run `ckptbeam convert --help` for conversion options."""
+run `ckptbeam convert --help` for conversion options.
+--debug (any command): log every work item, show library logs and, on failure, the traceback."""
 
 
 def _inspect(argv: list[str]) -> int:
@@ -104,21 +107,84 @@ def _demo(argv: list[str]) -> int:
 
 
 COMMANDS = {"convert": _convert, "export": _export, "inspect": _inspect, "plan": _plan, "demo": _demo}
+DEBUG_FLAG = "--debug"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
+# Loggers of libraries whose warnings are noise to a user of the CLI ("Discarding unparseable
+# args", worker start-up chatter, and a second copy of every failure with its traceback); the
+# failure itself is reported once, as one line. --debug shows them all.
+QUIET_LOGGERS = {"apache_beam": logging.CRITICAL, "absl": logging.ERROR, "jax": logging.ERROR}
+
+
+def configure_logging(debug: bool) -> None:
+    """Our progress and notes at INFO (per-item lines only with --debug), libraries quiet."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("ckptbeam").setLevel(logging.DEBUG if debug else logging.INFO)
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(logging.INFO if debug else level)
+
+
+def split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """`--debug` is a flag of every command, taken out before the command parses its arguments."""
+    return [a for a in argv if a != DEBUG_FLAG], DEBUG_FLAG in argv
+
+
+@contextlib.contextmanager
+def worker_output_hidden(hide: bool):
+    """Send what other processes and C++ libraries write straight to file descriptor 2 (Beam's
+    workers print every failure's traceback there, and their own KeyboardInterrupt on Ctrl-C) to
+    a temporary file, while Python's `sys.stderr` (our lines, the progress bar) keeps the terminal.
+
+    Skipped when `sys.stderr` is not the process's own (a caller captures it) and with --debug."""
+    if not hide or sys.stderr is not sys.__stderr__:
+        yield
+        return
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    original = sys.stderr
+    with tempfile.TemporaryFile() as sink:
+        sys.stderr = os.fdopen(os.dup(terminal), "w", buffering=1, errors="backslashreplace")
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(terminal, 2)
+            os.close(terminal)
+            sys.stderr.close()
+            sys.stderr = original
+
+
+def run_command(command: str, args: list[str], debug: bool) -> int:
+    """Run one command; every failure becomes one line on stderr (with --debug, after its traceback)."""
+    from pipelines.errors import one_line, watch_workers
+
+    try:
+        with worker_output_hidden(not debug):
+            configure_logging(debug)
+            try:
+                with watch_workers():
+                    return COMMANDS[command](args)
+            except (KeyboardInterrupt, Exception) as e:  # noqa: BLE001 - reported below, once
+                if debug:
+                    traceback.print_exc()
+                failure = e
+    finally:
+        configure_logging(debug)  # the handlers of the hidden stream are gone with it
+    sys.stdout.flush()
+    if isinstance(failure, KeyboardInterrupt):
+        cleaned = "; ".join(getattr(failure, "__notes__", ())) or "stopped before anything was written"
+        print(f"ckptbeam {command}: interrupted; {cleaned}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"ckptbeam {command}: error: {one_line(failure)}", file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("apache_beam", "absl", "jax", "root"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        return COMMANDS[argv[0]](argv[1:])
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"ckptbeam {argv[0]}: error: {e}", file=sys.stderr)
-        return 1
+    return run_command(argv[0], argv[1:], debug)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from ckpt_transforms.storage import outdir
 from ckpt_transforms.storage.hf_side_files import CONFIG, keep_with_checkpoint, read_side_files
 from ckpt_transforms.storage.provenance import PROVENANCE_FILE, differences, provenance_record
 from ckpt_transforms.storage.sources import ByteSource, open_source
+from pipelines.errors import add_cleanup_note
 from pipelines.graph import METRICS_NAMESPACE, ConvertWorkItem, build_pipeline
 from pipelines.options import ConvertOptions, beam_option_names, parse_only, str2bool, unrecognized_argument
 from pipelines.progress import ProgressMonitor
@@ -273,9 +274,9 @@ def run(argv: list[str] | None = None, convert_fn: type[ConvertWorkItem] = Conve
                 print(f"ckptbeam: Dataflow job submitted; the checkpoint appears at {output}/0 when it commits")
                 return {**summary, "submitted": True}
             result.wait_until_finish()
-    except BaseException:
+    except BaseException as e:
         if orbax_writer.discard_staging(staging):
-            log.error("conversion failed; nothing was published at %s (staging %s removed)", output, staging)
+            add_cleanup_note(e, f"nothing was published at {output} (staging {staging} removed)")
         raise
     elapsed = time.time() - started
     counters = {

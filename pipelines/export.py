@@ -32,6 +32,7 @@ from ckpt_transforms.storage.hf_side_files import (
     parse_config,
 )
 from pipelines.convert import human_bytes, normalize_argv
+from pipelines.errors import add_cleanup_note
 from pipelines.export_graph import (
     DONE_DIR,
     EXPORT_PROVENANCE_FILE,
@@ -245,12 +246,12 @@ def run(argv: list[str]) -> dict:
             build_export_pipeline(p, plan, checkpoint, staging, output, side, provenance, replace, args.item_attempts)
             result = p.run()
             result.wait_until_finish()
-    except BaseException:
+    except BaseException as e:
         if outdir.is_gcs(staging):
-            _remove_failed_gcs_export(staging, output, published_names(plan.shards, side))
+            add_cleanup_note(e, _remove_failed_gcs_export(staging, output, published_names(plan.shards, side)))
         elif os.path.isdir(staging):
             shutil.rmtree(staging, ignore_errors=True)
-            log.error("export failed; nothing was published at %s (staging %s removed)", output, staging)
+            add_cleanup_note(e, f"nothing was published at {output} (staging {staging} removed)")
         raise
     elapsed = time.time() - started
     counters = {
@@ -266,15 +267,14 @@ def run(argv: list[str]) -> dict:
     return summary
 
 
-def _remove_failed_gcs_export(staging: str, output: str, names: list[str]) -> None:
+def _remove_failed_gcs_export(staging: str, output: str, names: list[str]) -> str:
     """Remove what a failed gs:// run wrote: the final objects if it had started publishing
-    (provenance first), then its staging prefix (parts, intermediates, markers)."""
+    (provenance first), then its staging prefix (parts, intermediates, markers); says what it did."""
     try:
         if outdir.file_exists(outdir.join(staging, PUBLISHING_MARK)):
             for name in names:
                 outdir.remove_file(outdir.join(output, name))
         outdir.remove_tree(staging)
     except Exception as e:  # the original error matters more; the next run clears the staging prefix
-        log.error("export failed, and cleaning up after it failed too (%s); leftovers under %s", e, staging)
-        return
-    log.error("export failed; nothing was published at %s (staging %s removed)", output, staging)
+        return f"cleaning up failed too ({e}); leftovers under {staging} are removed by the next run"
+    return f"nothing was published at {output} (staging {staging} removed)"

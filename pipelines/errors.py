@@ -1,0 +1,169 @@
+"""One line per failure: what the CLI prints instead of a traceback (`--debug` shows it).
+
+Beam hides a DoFn's error in two ways: in-process it re-raises a copy whose text ends in
+"[while running 'Step']", chained to the original; across processes (multi_processing, portable
+runners) only the worker's traceback text arrives, inside a RuntimeError. Both are reduced here to
+the error our code raised, which names the work item, file, field or URI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import re
+import signal
+import threading
+import time
+
+from ckpt_transforms.storage.remote import os_error_code
+
+_BEAM_SUFFIX = re.compile(r"\s*\[while running '[^']*'\]")
+# An exception line of a traceback text: "pkg.mod.SomeError: message" at the start of a line.
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)): (\S.*)$")
+_TRACEBACK = "Traceback (most recent call last)"
+# A multi_processing worker that died (killed, out of memory) leaves only this in the launcher.
+_WORKER_DIED = ("Channel closed prematurely", "Socket closed", "StatusCode.UNAVAILABLE")
+
+HINTS = {
+    errno.ENOSPC: "the disk is full: free space or choose another --output (not retried)",
+    errno.EDQUOT: "the disk quota is used up: free space or choose another --output (not retried)",
+    errno.EROFS: "the file system is read-only: choose another --output",
+    errno.EACCES: "permission denied: check the owner and mode of that directory",
+    errno.ENOTDIR: "a file is in the way where a directory is needed",
+    errno.EISDIR: "a directory is in the way where a file is needed",
+}
+
+
+def _is_beam_wrapper(exc: BaseException) -> bool:
+    return bool(_BEAM_SUFFIX.search(str(exc))) or type(exc).__module__.startswith("apache_beam")
+
+
+def reported(exc: BaseException) -> BaseException:
+    """The exception to report: below Beam's re-raised copies, our own error (which names the
+    work item) rather than the library error it wraps."""
+    seen = set()
+    while exc.__cause__ is not None and id(exc) not in seen and _is_beam_wrapper(exc):
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return exc
+
+
+def _from_traceback_text(text: str) -> str | None:
+    """The last exception line of a traceback carried as text (the outermost error raised)."""
+    if _TRACEBACK not in text:
+        return None
+    lines = [m.group(2) for line in text.splitlines() if (m := _EXCEPTION_LINE.match(line))]
+    return lines[-1] if lines else None
+
+
+def _oserror_text(exc: OSError) -> str:
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    what = exc.strerror or str(exc)
+    return f"{paths}: {what}" if paths else what
+
+
+def one_line(exc: BaseException) -> str:
+    """The failure as one line: what went wrong, where, and what to do about it."""
+    exc = reported(exc)
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        text = _oserror_text(exc)
+    else:
+        text = _from_traceback_text(text) or text
+    if any(marker in text for marker in _WORKER_DIED) and _TRACEBACK not in str(exc):
+        text = worker_died_message(text)
+    text = _BEAM_SUFFIX.sub("", text).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if not first.strip():
+        first = type(exc).__name__
+    hint = HINTS.get(os_error_code(exc)) or HINTS.get(_errno_in_text(text))
+    parts = [first] + ([hint] if hint and hint not in first else [])
+    parts += [n for n in getattr(exc, "__notes__", ()) if n not in parts]
+    return "; ".join(parts)
+
+
+def _errno_in_text(text: str) -> int | None:
+    m = re.search(r"\[os_error_code='(\d+)'\]|\[Errno (\d+)\]", text)
+    return int(m.group(1) or m.group(2)) if m else None
+
+
+def worker_died_message(detail: str) -> str:
+    """A worker process that vanished (killed, out of memory) is reported by Beam only as a closed
+    channel; say what that means and what to do."""
+    return (
+        f"a worker process died during the run ({detail.splitlines()[0][:200]}); the work items it held were "
+        "not finished. Rerun the same command; if memory is short, with a smaller --max_item_bytes or fewer "
+        "--direct_num_workers"
+    )
+
+
+def add_cleanup_note(exc: BaseException, note: str) -> None:
+    """Record on the failure what was cleaned up, for the one line the CLI prints."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+
+
+class WorkerDiedError(RuntimeError):
+    """A Beam worker process exited while the run was waiting for its work."""
+
+
+_WORKER_EXIT = re.compile(r"Worker subprocess exited with return code (-?\d+)")
+_GRACE_S = 0.5  # a Ctrl-C also stops the workers; the launcher's own interrupt comes first
+
+
+def _exit_reason(code: int) -> str:
+    signum = -code if code < 0 else code - 128 if code > 128 else None
+    if signum is None:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    return f"killed by {name}" + (" (the out-of-memory killer sends this)" if signum == signal.SIGKILL else "")
+
+
+@contextlib.contextmanager
+def watch_workers():
+    """Fail the run when a worker process dies, instead of waiting for it forever.
+
+    Beam's multi_processing runner notices a dead worker only in a thread of its own ("Exception in
+    thread run_worker: Worker subprocess exited with return code 137") while the launcher keeps
+    waiting for that worker's bundle. Here that thread's exception interrupts the main thread
+    (SIGUSR1 to it, so a blocked wait returns) with a `WorkerDiedError` saying what to do. Main
+    thread only; a real Ctrl-C keeps its own meaning.
+    """
+    main = threading.main_thread()
+    state = {"interrupted": False, "raised": False, "reason": ""}
+    previous_hook = threading.excepthook
+
+    def hook(args) -> None:
+        m = _WORKER_EXIT.search(str(args.exc_value))
+        if m is None:
+            previous_hook(args)
+            return
+        time.sleep(_GRACE_S)
+        if not state["interrupted"] and not state["reason"]:
+            state["reason"] = _exit_reason(int(m.group(1)))
+            signal.pthread_kill(main.ident, signal.SIGUSR1)
+
+    def on_worker_died(signum, frame) -> None:
+        if not state["raised"] and not state["interrupted"]:
+            state["raised"] = True
+            raise WorkerDiedError(worker_died_message(f"worker process {state['reason']}"))
+
+    def on_interrupt(signum, frame) -> None:
+        state["interrupted"] = True
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not main:
+        yield
+        return
+    old_usr1 = signal.signal(signal.SIGUSR1, on_worker_died)
+    old_int = signal.signal(signal.SIGINT, on_interrupt)
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous_hook
+        signal.signal(signal.SIGUSR1, old_usr1)
+        signal.signal(signal.SIGINT, old_int)

@@ -156,7 +156,7 @@ def worker_output_hidden(hide: bool):
 
 def run_command(command: str, args: list[str], debug: bool) -> int:
     """Run one command; every failure becomes one line on stderr (with --debug, after its traceback)."""
-    from pipelines.errors import one_line, watch_workers
+    from pipelines.errors import WorkerDiedError, one_line, watch_workers
 
     try:
         with worker_output_hidden(not debug):
@@ -164,7 +164,7 @@ def run_command(command: str, args: list[str], debug: bool) -> int:
             try:
                 with watch_workers():
                     return COMMANDS[command](args)
-            except (KeyboardInterrupt, Exception) as e:  # noqa: BLE001 - reported below, once
+            except (KeyboardInterrupt, WorkerDiedError, Exception) as e:  # noqa: BLE001 - reported below, once
                 if debug:
                     traceback.print_exc()
                 failure = e

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import re
 import signal
 import threading
@@ -71,7 +72,7 @@ def one_line(exc: BaseException) -> str:
     else:
         text = _from_traceback_text(text) or text
     if any(marker in text for marker in _WORKER_DIED) and _TRACEBACK not in str(exc):
-        text = worker_died_message(text)
+        text = worker_died_message(f"Beam reports: {text.strip().splitlines()[0][:200]}")
     text = _BEAM_SUFFIX.sub("", text).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
     if not first.strip():
@@ -87,13 +88,12 @@ def _errno_in_text(text: str) -> int | None:
     return int(m.group(1) or m.group(2)) if m else None
 
 
-def worker_died_message(detail: str) -> str:
+def worker_died_message(reason: str) -> str:
     """A worker process that vanished (killed, out of memory) is reported by Beam only as a closed
-    channel; say what that means and what to do."""
+    channel, or not at all; say what happened and what to do."""
     return (
-        f"a worker process died during the run ({detail.splitlines()[0][:200]}); the work items it held were "
-        "not finished. Rerun the same command; if memory is short, with a smaller --max_item_bytes or fewer "
-        "--direct_num_workers"
+        f"a Beam worker process died during the run ({reason}), so the work items it held did not finish. "
+        "Rerun the same command; if memory is short, use a smaller --max_item_bytes or fewer --direct_num_workers"
     )
 
 
@@ -103,8 +103,9 @@ def add_cleanup_note(exc: BaseException, note: str) -> None:
         exc.add_note(note)
 
 
-class WorkerDiedError(RuntimeError):
-    """A Beam worker process exited while the run was waiting for its work."""
+class WorkerDiedError(BaseException):
+    """A Beam worker process exited while the run was waiting for its work. A BaseException, as
+    KeyboardInterrupt is: Beam's waiting loops catch and retry on Exception."""
 
 
 _WORKER_EXIT = re.compile(r"Worker subprocess exited with return code (-?\d+)")
@@ -120,6 +121,47 @@ def _exit_reason(code: int) -> str:
     except ValueError:
         name = f"signal {signum}"
     return f"killed by {name}" + (" (the out-of-memory killer sends this)" if signum == signal.SIGKILL else "")
+
+
+SDK_WORKER_MODULE = b"apache_beam.runners.worker.sdk_worker_main"
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of `pid` (any of its threads may have started them), from /proc."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def stop_worker_processes() -> list[int]:
+    """Send SIGTERM to the Beam SDK worker processes this process started (and their children:
+    Beam starts each through a shell); returns their ids."""
+    stopped = []
+    for pid in _children(os.getpid()):
+        if SDK_WORKER_MODULE not in _cmdline(pid):
+            continue
+        for target in [*_children(pid), pid]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(target, signal.SIGTERM)
+                stopped.append(target)
+    return stopped
 
 
 @contextlib.contextmanager
@@ -144,12 +186,15 @@ def watch_workers():
         time.sleep(_GRACE_S)
         if not state["interrupted"] and not state["reason"]:
             state["reason"] = _exit_reason(int(m.group(1)))
+            # Beam's shutdown waits for every worker to exit, and the others wait for the dead
+            # one's bundle: stop them (our own child processes) so the run can end and clean up.
+            stop_worker_processes()
             signal.pthread_kill(main.ident, signal.SIGUSR1)
 
     def on_worker_died(signum, frame) -> None:
         if not state["raised"] and not state["interrupted"]:
             state["raised"] = True
-            raise WorkerDiedError(worker_died_message(f"worker process {state['reason']}"))
+            raise WorkerDiedError(worker_died_message(state["reason"]))
 
     def on_interrupt(signum, frame) -> None:
         state["interrupted"] = True

@@ -88,7 +88,7 @@ class RetryPolicy:
         """The same policy as TensorStore's `gcs_request_retries` context resource (its retries are
         internal, so the output side of a run obeys the settings the source side does)."""
         return {
-            "max_retries": self.attempts,
+            "max_retries": self.attempts - 1,  # retries after the first try
             "initial_delay": f"{self.base_delay:g}s",
             "max_delay": f"{max(self.base_delay, self.max_delay):g}s",
         }

@@ -116,8 +116,17 @@ QUIET_LOGGERS = {"apache_beam": logging.CRITICAL, "absl": logging.ERROR, "jax": 
 
 
 def configure_logging(debug: bool) -> None:
-    """Our progress and notes at INFO (per-item lines only with --debug), libraries quiet."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    """Our progress and notes at INFO (per-item lines only with --debug), libraries quiet. One
+    handler of ours on the root logger, writing to the current `sys.stderr` (others are kept)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "ckptbeam", False)]:
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.ckptbeam = True
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.WARNING:
+        root.setLevel(logging.WARNING)
     logging.getLogger("ckptbeam").setLevel(logging.DEBUG if debug else logging.INFO)
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(logging.INFO if debug else level)

@@ -86,6 +86,7 @@ class ProgressMonitor:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._succeeded = exc is None  # then every item is done, whatever the last count saw
         self._stop.set()
         self._thread.join(timeout=2)
         try:
@@ -128,16 +129,17 @@ class ProgressMonitor:
         from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
+        width = _terminal_width(sys.stderr)
         with (
             tqdm(
                 total=self.total_bytes, unit="B", unit_scale=True, desc="ckptbeam", file=sys.stderr,
-                dynamic_ncols=True, mininterval=BAR_REFRESH_S, leave=True,
+                ncols=width or 100, nrows=20, dynamic_ncols=bool(width), mininterval=BAR_REFRESH_S, leave=True,
             ) as bar,
-            logging_redirect_tqdm(loggers=[logging.getLogger(), log], tqdm_class=tqdm),
+            logging_redirect_tqdm(loggers=[logging.getLogger()], tqdm_class=tqdm),
         ):  # fmt: skip
             while True:
                 stopping = self._stop.wait(BAR_REFRESH_S)
-                done = self.done()
+                done = self.total_items if getattr(self, "_succeeded", False) else self.done()
                 fraction = done / self.total_items if self.total_items else 1.0
                 bar.set_postfix_str(f"{done}/{self.total_items} items", refresh=False)
                 bar.update(round(self.total_bytes * fraction) - bar.n)
@@ -150,3 +152,11 @@ def _is_terminal(stream) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def _terminal_width(stream) -> int:
+    """Columns of the terminal `stream` writes to; 0 when it does not say (a bare pty)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 0

@@ -165,13 +165,13 @@ def worker_output_hidden(hide: bool):
 
 def run_command(command: str, args: list[str], debug: bool) -> int:
     """Run one command; every failure becomes one line on stderr (with --debug, after its traceback)."""
-    from pipelines.errors import WorkerDiedError, one_line, watch_workers
+    from pipelines.errors import WorkerDiedError, one_line, was_interrupted, watch_workers
 
     try:
         with worker_output_hidden(not debug):
             configure_logging(debug)
             try:
-                with watch_workers():
+                with watch_workers(show_consequences=debug):
                     return COMMANDS[command](args)
             except (KeyboardInterrupt, WorkerDiedError, Exception) as e:  # noqa: BLE001 - reported below, once
                 if debug:
@@ -180,7 +180,7 @@ def run_command(command: str, args: list[str], debug: bool) -> int:
     finally:
         configure_logging(debug)  # the handlers of the hidden stream are gone with it
     sys.stdout.flush()
-    if isinstance(failure, KeyboardInterrupt):
+    if was_interrupted(failure):
         cleaned = "; ".join(getattr(failure, "__notes__", ())) or "stopped before anything was written"
         print(f"ckptbeam {command}: interrupted; {cleaned}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -49,6 +49,17 @@ def reported(exc: BaseException) -> BaseException:
     return exc
 
 
+def was_interrupted(exc: BaseException) -> bool:
+    """A Ctrl-C, also when Beam re-raised it wrapped in an error of its own."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _from_traceback_text(text: str) -> str | None:
     """The last exception line of a traceback carried as text (the outermost error raised)."""
     if _TRACEBACK not in text:
@@ -164,15 +175,27 @@ def stop_worker_processes() -> list[int]:
     return stopped
 
 
+def _in_beam(tb) -> bool:
+    """Whether a traceback runs through Beam's or gRPC's code (their threads' failures follow a
+    failure the main thread reports as one line)."""
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename.replace(os.sep, "/")
+        if "/apache_beam/" in name or "/grpc/" in name:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 @contextlib.contextmanager
-def watch_workers():
+def watch_workers(show_consequences: bool = False):
     """Fail the run when a worker process dies, instead of waiting for it forever.
 
     Beam's multi_processing runner notices a dead worker only in a thread of its own ("Exception in
     thread run_worker: Worker subprocess exited with return code 137") while the launcher keeps
     waiting for that worker's bundle. Here that thread's exception interrupts the main thread
     (SIGUSR1 to it, so a blocked wait returns) with a `WorkerDiedError` saying what to do. Main
-    thread only; a real Ctrl-C keeps its own meaning.
+    thread only; a real Ctrl-C keeps its own meaning. Failures of Beam's own threads (they follow
+    the one the main thread reports) are shown only with `show_consequences` (--debug).
     """
     main = threading.main_thread()
     state = {"interrupted": False, "raised": False, "reason": ""}
@@ -181,7 +204,8 @@ def watch_workers():
     def hook(args) -> None:
         m = _WORKER_EXIT.search(str(args.exc_value))
         if m is None:
-            previous_hook(args)
+            if show_consequences or not _in_beam(args.exc_traceback):
+                previous_hook(args)  # Beam's threads fail with it when a worker dies or on Ctrl-C
             return
         time.sleep(_GRACE_S)
         if not state["interrupted"] and not state["reason"]:
@@ -198,6 +222,7 @@ def watch_workers():
 
     def on_interrupt(signum, frame) -> None:
         state["interrupted"] = True
+        stop_worker_processes()  # a Ctrl-C reaches them too, but not a SIGINT sent to us alone
         raise KeyboardInterrupt
 
     if threading.current_thread() is not main:

@@ -173,7 +173,9 @@ def test_disk_full_is_one_line_not_retried_and_the_old_checkpoint_stays(tmp_path
         first = ckptbeam("convert", "--source", LLAMA, "--output", str(out))
         assert first.returncode == 0, first.stderr
         before = tree_digest(out)
-        result = ckptbeam("convert", "--source", LLAMA, "--output", str(out), "--force", CKPTBEAM_PROGRESS_INTERVAL_S="60")
+        result = ckptbeam(
+            "convert", "--source", LLAMA, "--output", str(out), "--force", CKPTBEAM_PROGRESS_INTERVAL_S="60"
+        )
         line = one_error_line(result)
         assert "No space left on device" in line and "the disk is full" in line, line
         assert f"nothing was published at {out}" in line
@@ -229,7 +231,9 @@ def _gcs_env(url: str) -> dict:
 def test_unavailable_gs_output_gives_up_after_the_configured_attempts(tmp_path):
     gcs = Unavailable()
     try:
-        line = one_error_line(ckptbeam("convert", "--source", LLAMA, "--output", "gs://ckpt-bucket/out", **_gcs_env(gcs.url)))
+        line = one_error_line(
+            ckptbeam("convert", "--source", LLAMA, "--output", "gs://ckpt-bucket/out", **_gcs_env(gcs.url))
+        )
         assert "gs://ckpt-bucket/out" in line and "503" in line, line
         assert len(gcs.requests) == 3, gcs.requests  # CKPTBEAM_REMOTE_ATTEMPTS, not TensorStore's default 32
 
@@ -257,7 +261,9 @@ def test_gs_output_at_a_closed_port_names_the_uri():
 
 
 def test_progress_lines_on_stderr_of_the_entry_point(tmp_path):
-    result = ckptbeam("convert", "--source", LLAMA, "--output", str(tmp_path / "o"), CKPTBEAM_PROGRESS_INTERVAL_S="0.05")
+    result = ckptbeam(
+        "convert", "--source", LLAMA, "--output", str(tmp_path / "o"), CKPTBEAM_PROGRESS_INTERVAL_S="0.05"
+    )
     assert result.returncode == 0, result.stderr
     progress = [PROGRESS_LINE.match(line) for line in result.stderr.splitlines()]
     counts = [(int(m.group(1)), int(m.group(2))) for m in progress if m]
@@ -341,7 +347,9 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_nothing(tmp_path):
 def test_killed_worker_fails_the_run_with_one_line(tmp_path):
     """Beam's multi_processing runner would wait forever for a worker killed by the OOM killer."""
     out = tmp_path / "out"
-    proc = _start_blocking(out, "--runner=DirectRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2")
+    proc = _start_blocking(
+        out, "--runner=DirectRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"
+    )
     seen = _wait_for_a_finished_item(proc)
     workers = [w for shell in _children(proc.pid) for w in _children(shell)]
     assert workers, "no worker processes found"

@@ -260,7 +260,7 @@ def test_gs_output_at_a_closed_port_names_the_uri():
 # --------------------------------------------------------------------------- progress
 
 
-def test_progress_lines_on_stderr_of_the_entry_point(tmp_path):
+def test_progress_lines_on_stderr_of_convert_and_export(tmp_path):
     result = ckptbeam(
         "convert", "--source", LLAMA, "--output", str(tmp_path / "o"), CKPTBEAM_PROGRESS_INTERVAL_S="0.05"
     )
@@ -271,6 +271,14 @@ def test_progress_lines_on_stderr_of_the_entry_point(tmp_path):
     assert "MB/s, ETA" in result.stderr
     assert "work item 1/12 done" not in result.stderr  # one line per item only with --debug
     assert "Discarding unparseable args" not in result.stderr and "Traceback" not in result.stderr
+
+    exported = ckptbeam(
+        "export", "--source", str(tmp_path / "o"), "--output", str(tmp_path / "hf"), CKPTBEAM_PROGRESS_INTERVAL_S="0.05"
+    )
+    assert exported.returncode == 0, exported.stderr
+    counts = [m.groups() for m in map(PROGRESS_LINE.match, exported.stderr.splitlines()) if m]
+    assert counts and counts[-1][0] == counts[-1][1], exported.stderr
+    assert "Discarding unparseable args" not in exported.stderr
 
 
 def test_progress_bar_on_a_terminal(tmp_path):

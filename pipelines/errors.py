@@ -76,6 +76,7 @@ def _oserror_text(exc: OSError) -> str:
 
 def one_line(exc: BaseException) -> str:
     """The failure as one line: what went wrong, where, and what to do about it."""
+    notes = _notes(exc)
     exc = reported(exc)
     text = str(exc)
     if isinstance(exc, OSError) and exc.strerror:
@@ -90,8 +91,18 @@ def one_line(exc: BaseException) -> str:
         first = type(exc).__name__
     hint = HINTS.get(os_error_code(exc)) or HINTS.get(_errno_in_text(text))
     parts = [first] + ([hint] if hint and hint not in first else [])
-    parts += [n for n in getattr(exc, "__notes__", ()) if n not in parts]
+    parts += [n for n in notes + _notes(exc) if n not in parts]
     return "; ".join(parts)
+
+
+def _notes(exc: BaseException) -> list[str]:
+    """The cleanup notes on `exc` and on the Beam copies it wraps (added on the way out)."""
+    notes, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        notes += [n for n in getattr(exc, "__notes__", ()) if n not in notes]
+        exc = exc.__cause__ if _is_beam_wrapper(exc) else None
+    return notes
 
 
 def _errno_in_text(text: str) -> int | None:

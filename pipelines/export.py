@@ -33,6 +33,7 @@ from ckpt_transforms.storage.hf_side_files import (
     parse_config,
 )
 from pipelines.convert import emit_summary, format_selected, human_bytes, normalize_argv, report_stream
+from pipelines.errors import add_cleanup_note
 from pipelines.export_graph import (
     EXPORT_PROVENANCE_FILE,
     METRICS_NAMESPACE,
@@ -269,13 +270,15 @@ def _export_locked(args, beam_argv, output, plan, checkpoint, side, provenance, 
             )  # fmt: skip
             result = p.run()
             result.wait_until_finish()
-    except BaseException:
-        keep = keep_after_failure(staging, not args.no_resume)
+    except BaseException as e:
+        kept = keep_after_failure(staging, output, not args.no_resume)
         if outdir.is_gcs(staging):
-            _remove_failed_gcs_export(staging, output, published_names(plan.shards, side), keep)
-        elif not keep and os.path.isdir(staging):
+            add_cleanup_note(e, _remove_failed_gcs_export(staging, output, published_names(plan.shards, side), kept))
+        elif kept:
+            add_cleanup_note(e, kept)
+        elif os.path.isdir(staging):
             shutil.rmtree(staging, ignore_errors=True)
-            log.error("export failed; nothing was published at %s (staging %s removed)", output, staging)
+            add_cleanup_note(e, f"nothing was published at {output} (staging {staging} removed)")
         raise
     elapsed = time.time() - started
     counters = {
@@ -294,23 +297,22 @@ def _export_locked(args, beam_argv, output, plan, checkpoint, side, provenance, 
     return emit_summary(summary, args.json)
 
 
-def _remove_failed_gcs_export(staging: str, output: str, names: list[str], keep_staging: bool = False) -> None:
+def _remove_failed_gcs_export(staging: str, output: str, names: list[str], kept: str | None = None) -> str:
     """Remove what a failed gs:// run wrote: the final objects if it had started publishing
     (provenance first), then its staging prefix (parts, intermediates, markers) unless it is
-    kept for a resuming rerun."""
+    `kept` for a resuming rerun; says what it did."""
     try:
         mark = outdir.join(staging, PUBLISHING_MARK)
         if outdir.file_exists(mark):
             for name in names:
                 outdir.remove_file(outdir.join(output, name))
             outdir.remove_file(mark)
-        if keep_staging:
-            return
+        if kept:
+            return kept
         outdir.remove_tree(staging)
     except Exception as e:  # the original error matters more; the next run clears the staging prefix
-        log.error("export failed, and cleaning up after it failed too (%s); leftovers under %s", e, staging)
-        return
-    log.error("export failed; nothing was published at %s (staging %s removed)", output, staging)
+        return f"cleaning up failed too ({e}); leftovers under {staging} are removed by the next run"
+    return kept or f"nothing was published at {output} (staging {staging} removed)"
 
 
 def _prepare_staging(output: str, plan: ExportPlan, provenance: dict, adopt: bool) -> Staging:
@@ -318,5 +320,5 @@ def _prepare_staging(output: str, plan: ExportPlan, provenance: dict, adopt: boo
     fresh = f"{output}{STAGING_INFIX}{int(time.time() * 1000)}"
     stage = prepare_export(_stale_staging(output), fresh, plan, export_plan_id(plan, provenance, output), adopt)
     if stage.resumed:
-        print(f"ckptbeam: resuming the unfinished export at {stage.path}: {stage.line(len(plan.items))}", flush=True)
+        log.info("resuming the unfinished export at %s: %s", stage.path, stage.line(len(plan.items)))  # stderr: --json
     return stage

@@ -25,7 +25,8 @@ from ckpt_transforms.orbax_io import writer as orbax_writer
 from ckpt_transforms.planning.convert_plan import DEFAULT_MAX_ITEM_BYTES, ArrayPlan, Plan, WorkItem, item_working_bytes
 from ckpt_transforms.storage import lease, outdir, resume
 from ckpt_transforms.storage.provenance import PROVENANCE_FILE
-from ckpt_transforms.storage.sources import SourceError, open_source
+from ckpt_transforms.storage.remote import is_permanent_failure
+from ckpt_transforms.storage.sources import open_source
 from ckpt_transforms.tensors.buffers import BufferPool
 from ckpt_transforms.work_items.convert import build_region
 
@@ -124,11 +125,13 @@ class ConvertWorkItem(beam.DoFn):
     def _give_up_or_retry(self, item: WorkItem, attempt: int, error: Exception) -> None:
         # The failed attempt's database is never reported, so the stitch ignores and removes it.
         # A SourceError (malformed or missing source, or a remote read that already used up its
-        # own transient retries) would fail the same way again: no further attempts.
-        if attempt >= self.attempts or isinstance(error, SourceError):
+        # own transient retries) or a full disk would fail the same way again: no further attempts.
+        if attempt >= self.attempts or is_permanent_failure(error):
             self._settle_in_flight()
             raise RuntimeError(
-                f"work item {item.item_id} ({item.param}) failed after {attempt} attempts: {error}"
+                f"work item {item.item_id} ({item.param}) failed"
+                + (f" after {attempt} attempts" if attempt > 1 else "")
+                + f": {error}"
             ) from error
         self.item_retries.inc()
         log.warning("work item %d (%s) attempt %d failed: %s; retrying", item.item_id, item.param, attempt, error)
@@ -169,7 +172,7 @@ class ConvertWorkItem(beam.DoFn):
         self.item_ms.update(int(elapsed * 1000))
         record = WrittenRecord(item.item_id, flight.db_id, item.bytes_written)
         self._record(record)
-        log.info(
+        log.debug(  # one line per item only at DEBUG: a 671B conversion has 13k items
             "work item %d/%d done: %s %s, %.2f MB in %.2f s",
             item.item_id + 1,
             self.total_items,

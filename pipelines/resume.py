@@ -133,15 +133,13 @@ def _adopt_exported(staging: str, plan: ExportPlan, plan_id: str) -> list[Export
     return adopted
 
 
-def keep_after_failure(staging: str, adopt: bool) -> bool:
-    """Whether a failed run's staging stays for the next run to resume (resume on, and some item
-    committed); says so. Nothing there is published either way."""
+def keep_after_failure(staging: str, output: str, adopt: bool) -> str | None:
+    """If a failed run's staging stays for the next run to resume (resume on, and some item
+    committed), the note saying so; None when it is to be removed. Nothing is published either way."""
     committed = resume.count_records(staging) if adopt else 0
-    if committed:
-        log.error(
-            "run failed; nothing was published; %d committed work item(s) kept in %s: rerun the same command "
-            "to resume, or add --no_resume to start clean",
-            committed,
-            staging,
-        )
-    return committed > 0
+    if not committed:
+        return None
+    return (
+        f"nothing was published at {output}; {committed} committed work item(s) kept in {staging}: rerun the "
+        "same command to resume, or add --no_resume to start clean"
+    )

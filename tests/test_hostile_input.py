@@ -356,9 +356,9 @@ CHILD = textwrap.dedent(
 def hostile_dirs(tmp_path) -> list[tuple[str, str]]:
     cases = []
 
-    def case(name: str, header=None, data: bytes = b"", header_len=None, config=None, files=None) -> None:
+    def case(name: str, header=None, data: bytes = b"", header_len=None, config=None, files=None, base="llama_bf16"):
         d = tmp_path / name
-        shutil.copytree(os.path.join(FIXTURES, "llama_bf16"), d)
+        shutil.copytree(os.path.join(FIXTURES, base), d)
         if header is not None or header_len is not None:
             (d / "model.safetensors").write_bytes(encode_file(header or {}, data, header_len))
         if config:
@@ -379,6 +379,8 @@ def hostile_dirs(tmp_path) -> list[tuple[str, str]]:
     for field in ("num_hidden_layers", "vocab_size", "hidden_size", "num_attention_heads", "intermediate_size"):
         for value in (10**6, 10**15):
             case(f"{field}={value:.0e}", config={field: value})
+    for value in (10**6, 10**15):
+        case(f"num_local_experts={value:.0e}", config={"num_local_experts": value}, base="qwen3_moe_bf16")
     case("num_hidden_layers=4096", config={"num_hidden_layers": 4096})
     case("every_size_at_its_cap", config={"vocab_size": 2**24, "hidden_size": 2**20, "intermediate_size": 2**20})
     return cases

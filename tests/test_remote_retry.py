@@ -14,6 +14,7 @@ from ckpt_transforms.storage.remote import (
     RemoteError,
     RetryPolicy,
     http_status,
+    is_permanent_failure,
     looks_like_repo_id,
     parse_hf_uri,
     with_retries,
@@ -151,3 +152,50 @@ def test_remote_schemes_register_lazily_in_a_fresh_process():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["GcsSource", "hf://acme/tiny@" + "ab" * 20]
+
+
+def test_no_retry_starts_after_the_deadline():
+    """The deadline bounds a call whose every try hangs until its time-out, whatever the attempts."""
+    now = [0.0]
+    sleeps: list[float] = []
+
+    def slow_failure():
+        now[0] += 50.0  # each try takes 50 s to time out
+        raise TimeoutError("timed out")
+
+    policy = RetryPolicy(attempts=100, base_delay=1.0, max_delay=1.0, deadline=120.0)
+    with pytest.raises(RemoteError, match=r"gs://b/m/f: still failing after 3 attempts"):
+        with_retries(slow_failure, "gs://b/m/f", policy=policy, sleep=sleeps.append, clock=lambda: now[0])
+    assert len(sleeps) == 2
+
+
+def test_tensorstore_gets_the_same_policy(monkeypatch):
+    monkeypatch.setenv("CKPTBEAM_REMOTE_ATTEMPTS", "3")
+    monkeypatch.setenv("CKPTBEAM_REMOTE_BACKOFF_S", "0.01")
+    from ckpt_transforms.storage.outdir import kvstore_spec
+
+    spec = kvstore_spec("gs://bucket/out")
+    assert spec["gcs_request_retries"] == {"max_retries": 2, "initial_delay": "0.01s", "max_delay": "30s"}
+    assert "gcs_request_retries" not in kvstore_spec("/tmp/out")
+
+
+def test_a_bad_retry_setting_names_the_variable(monkeypatch):
+    monkeypatch.setenv("CKPTBEAM_REMOTE_ATTEMPTS", "many")
+    with pytest.raises(ValueError, match="CKPTBEAM_REMOTE_ATTEMPTS='many': expected a number"):
+        RetryPolicy.from_env()
+
+
+@pytest.mark.parametrize(
+    "error, permanent",
+    [
+        (OSError(28, "No space left on device"), True),
+        (ValueError("RESOURCE_EXHAUSTED: Failed to write 9 bytes: No space left on device [os_error_code='28']"), True),
+        (OSError(30, "Read-only file system"), True),
+        (SourceError("bad header"), True),
+        (ConnectionResetError(104, "reset"), False),
+        (ValueError("UNAVAILABLE: try again"), False),
+    ],
+    ids=["enospc", "tensorstore-enospc", "erofs", "source", "reset", "unavailable"],
+)
+def test_permanent_failures_are_not_retried_by_work_items(error, permanent):
+    assert is_permanent_failure(error) is permanent

@@ -51,15 +51,70 @@ def join(path: str, *parts: str) -> str:
 
 
 def kvstore_spec(directory: str) -> dict:
-    """TensorStore kvstore spec of a directory (trailing slash: TensorStore joins keys to it)."""
+    """TensorStore kvstore spec of a directory (trailing slash: TensorStore joins keys to it).
+
+    On GCS the spec carries the process's remote retry policy (TensorStore's own default retries
+    for 15 minutes, silently)."""
     if is_gcs(directory):
+        from ckpt_transforms.storage.remote import RetryPolicy
+
         bucket, key = split_gcs(directory)
-        return {"driver": "gcs", "bucket": bucket, "path": key + "/" if key else ""}
+        return {
+            "driver": "gcs",
+            "bucket": bucket,
+            "path": key + "/" if key else "",
+            "gcs_request_retries": RetryPolicy.from_env().tensorstore_retries(),
+        }
     return {"driver": "file", "path": directory.rstrip("/") + "/"}
 
 
-def _gcs_kvstore(directory: str) -> ts.KvStore:
-    return ts.KvStore.open(kvstore_spec(directory)).result()
+class _GcsKvStore:
+    """A TensorStore gcs kvstore whose failures name the gs:// URI they concern (TensorStore's
+    own text names neither bucket nor key) and are `RemoteError`s, never retried again."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self._store = self._call(directory, lambda: ts.KvStore.open(kvstore_spec(directory)).result())
+
+    def _call(self, uri: str, fn):
+        try:
+            return fn()
+        except ValueError as e:
+            from ckpt_transforms.storage.remote import RemoteError
+
+            raise RemoteError(f"{uri}: {e}") from e
+
+    def _where(self, key) -> str:
+        return join(self.directory, key) if isinstance(key, str) else self.directory
+
+    def read(self, key: str):
+        return self._call(self._where(key), lambda: self._store.read(key).result())
+
+    def write(self, key: str, value) -> None:
+        return self._call(self._where(key), lambda: self._store.write(key, value).result())
+
+    def list(self, key_range: ts.KvStore.KeyRange) -> list[bytes]:
+        return self._call(self.directory, lambda: self._store.list(key_range).result())
+
+    def delete_range(self, key_range: ts.KvStore.KeyRange) -> None:
+        return self._call(self.directory, lambda: self._store.delete_range(key_range).result())
+
+    def start(self, uri: str, fn):
+        """Start an asynchronous operation `fn(store)`; its `.result()` names `uri` on failure."""
+        future = self._call(uri, lambda: fn(self._store))
+        return _NamedFuture(self, uri, future)
+
+
+class _NamedFuture:
+    def __init__(self, store: _GcsKvStore, uri: str, future):
+        self.store, self.uri, self.future = store, uri, future
+
+    def result(self):
+        return self.store._call(self.uri, self.future.result)
+
+
+def _gcs_kvstore(directory: str) -> _GcsKvStore:
+    return _GcsKvStore(directory)
 
 
 def _prefix_range(prefix: str) -> ts.KvStore.KeyRange:
@@ -78,7 +133,7 @@ def write_bytes(path: str, data: bytes) -> None:
     """Write a small file whole: atomic rename locally, one object upload on GCS."""
     if is_gcs(path):
         parent, name = posixpath.split(path)
-        _gcs_kvstore(parent).write(name, data).result()
+        _gcs_kvstore(parent).write(name, data)
         return
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
@@ -93,7 +148,7 @@ def read_bytes(path: str) -> bytes | None:
     """A small file's bytes, or None if it does not exist."""
     if is_gcs(path):
         parent, name = posixpath.split(path)
-        result = _gcs_kvstore(parent).read(name).result()
+        result = _gcs_kvstore(parent).read(name)
         return bytes(result.value) if result.state == "value" else None
     try:
         with open(path, "rb") as f:
@@ -134,14 +189,14 @@ def file_exists(path: str) -> bool:
         # A one-key listing: no data is read, and binary files (manifest.ocdbt) are fine.
         parent, name = posixpath.split(path)
         exact = ts.KvStore.KeyRange(inclusive_min=name, exclusive_max=name + "\0")
-        return bool(_gcs_kvstore(parent).list(exact).result())
+        return bool(_gcs_kvstore(parent).list(exact))
     return os.path.isfile(path)
 
 
 def list_files(directory: str, prefix: str = "") -> list[str]:
     """Every file under `directory` whose relative path starts with `prefix` (recursive, '/'-separated)."""
     if is_gcs(directory):
-        keys = _gcs_kvstore(directory).list(_prefix_range(prefix)).result()
+        keys = _gcs_kvstore(directory).list(_prefix_range(prefix))
         return sorted(k.decode("utf-8") for k in keys)
     found = []
     for root, _, files in os.walk(directory):
@@ -176,7 +231,7 @@ def remove_tree(directory: str) -> None:
     if is_gcs(directory):
         if not split_gcs(directory)[1]:
             raise ValueError(f"refusing to delete a whole bucket ({directory})")
-        _gcs_kvstore(directory).delete_range(ts.KvStore.KeyRange()).result()
+        _gcs_kvstore(directory).delete_range(ts.KvStore.KeyRange())
         return
     shutil.rmtree(directory, ignore_errors=True)
 
@@ -185,7 +240,7 @@ def remove_file(path: str) -> None:
     """Delete one file if it exists."""
     if is_gcs(path):
         parent, name = posixpath.split(path)
-        _gcs_kvstore(parent).write(name, None).result()
+        _gcs_kvstore(parent).write(name, None)
         return
     try:
         os.remove(path)
@@ -215,15 +270,15 @@ def move_files(src_dir: str, dst_dir: str, rel_paths: list[str]) -> None:
     src, dst = _gcs_kvstore(src_dir), _gcs_kvstore(dst_dir)
     for start in range(0, len(rel_paths), _GCS_COPY_WINDOW):
         window = rel_paths[start : start + _GCS_COPY_WINDOW]
-        reads = [src.read(rel) for rel in window]
+        reads = [src.start(join(src_dir, rel), lambda s, rel=rel: s.read(rel)) for rel in window]
         writes = []
         for rel, read in zip(window, reads, strict=True):
             result = read.result()
             if result.state == "value":
-                writes.append((rel, dst.write(rel, result.value)))
+                writes.append((rel, dst.start(join(dst_dir, rel), lambda s, rel=rel, v=result.value: s.write(rel, v))))
         for _, w in writes:
             w.result()
-        for f in [src.write(rel, None) for rel, _ in writes]:
+        for f in [src.start(join(src_dir, rel), lambda s, rel=rel: s.write(rel, None)) for rel, _ in writes]:
             f.result()
 
 

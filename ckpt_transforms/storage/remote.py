@@ -12,6 +12,7 @@ Beam workers in other processes get the registration too.
 
 from __future__ import annotations
 
+import errno
 import http.client
 import logging
 import os
@@ -30,6 +31,7 @@ T = TypeVar("T")
 
 ATTEMPTS_ENV = "CKPTBEAM_REMOTE_ATTEMPTS"
 BACKOFF_ENV = "CKPTBEAM_REMOTE_BACKOFF_S"
+DEADLINE_ENV = "CKPTBEAM_REMOTE_DEADLINE_S"
 HTTP_TIMEOUT_S = 120.0  # per socket operation, not per transfer
 
 GCS_AUTH_HINT = (
@@ -60,23 +62,46 @@ class HttpStatusError(Exception):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Bounded exponential backoff: delays base, 2*base, 4*base, ... capped at `max_delay`."""
+    """The one retry policy of every remote call (source reads, GCS client calls, TensorStore's gcs
+    kvstore): at most `attempts` tries, with delays base, 2*base, 4*base, ... capped at `max_delay`,
+    and no new try once `deadline` seconds have passed since the first one."""
 
     attempts: int = 6
     base_delay: float = 0.5
     max_delay: float = 30.0
+    deadline: float = 600.0
 
     @classmethod
     def from_env(cls) -> RetryPolicy:
         """Defaults, overridable per process (tests use tiny delays; workers inherit the env)."""
-        attempts = int(os.environ.get(ATTEMPTS_ENV, cls.attempts))
-        base = float(os.environ.get(BACKOFF_ENV, cls.base_delay))
-        return cls(attempts=max(1, attempts), base_delay=max(0.0, base))
+        attempts = _env_number(ATTEMPTS_ENV, cls.attempts, int)
+        base = _env_number(BACKOFF_ENV, cls.base_delay, float)
+        deadline = _env_number(DEADLINE_ENV, cls.deadline, float)
+        return cls(attempts=max(1, attempts), base_delay=max(0.0, base), deadline=max(0.0, deadline))
 
     def delay(self, attempt: int) -> float:
         """Backoff before retry number `attempt` (1-based), jittered to [d/2, d] to spread workers."""
         d = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
         return d * (0.5 + 0.5 * random.random())
+
+    def tensorstore_retries(self) -> dict:
+        """The same policy as TensorStore's `gcs_request_retries` context resource (its retries are
+        internal, so the output side of a run obeys the settings the source side does)."""
+        return {
+            "max_retries": self.attempts - 1,  # retries after the first try
+            "initial_delay": f"{self.base_delay:g}s",
+            "max_delay": f"{max(self.base_delay, self.max_delay):g}s",
+        }
+
+
+def _env_number(name: str, default, kind):
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return default
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={text!r}: expected a number") from None
 
 
 def http_status(exc: BaseException) -> int | None:
@@ -128,6 +153,29 @@ def is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, _CONNECTION_ERRORS)
 
 
+# Local conditions another attempt cannot fix: a full disk or quota, a read-only or forbidden
+# path, a file where a directory belongs (and the reverse).
+PERMANENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
+)
+_TS_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")
+
+
+def os_error_code(exc: BaseException) -> int | None:
+    """The errno of an OSError, or the one TensorStore names in its error text."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno
+    m = _TS_OS_ERROR.search(str(exc))
+    return int(m.group(1)) if m else None
+
+
+def is_permanent_failure(exc: BaseException) -> bool:
+    """A failure that would repeat on the next attempt of a work item: bad or refused input
+    (`SourceError`, which includes remote reads that used up their own retries) and local
+    conditions such as a full disk (ENOSPC is never transient)."""
+    return isinstance(exc, SourceError) or os_error_code(exc) in PERMANENT_ERRNOS
+
+
 def permanent_message(uri: str, status: int | None, auth_hint: str, detail: str = "") -> str:
     """What a user needs to know about a refused request; names the URI, never credentials."""
     default = {
@@ -156,6 +204,7 @@ def with_retries(
     policy: RetryPolicy | None = None,
     sleep: Callable[[float], None] = time.sleep,
     describe: Callable[[BaseException], str] | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> T:
     """Call `fn`, retrying transient failures; turn HTTP refusals into a `RemoteError` naming `uri`.
 
@@ -163,6 +212,7 @@ def with_retries(
     `describe` may add a more specific cause (e.g. "revision 'x' does not exist").
     """
     policy = policy or RetryPolicy.from_env()
+    started = clock()
     for attempt in range(1, policy.attempts + 1):
         try:
             return fn()
@@ -176,9 +226,13 @@ def with_retries(
             if status is not None and not is_transient_status(status):
                 raise RemoteError(permanent_message(uri, status, auth_hint, detail), status) from None
             reason = _reason(exc, status)
-            if attempt == policy.attempts:
-                raise RemoteError(f"{uri}: still failing after {attempt} attempts ({reason})", status) from None
             delay = policy.delay(attempt)
+            if attempt == policy.attempts or clock() - started + delay > policy.deadline:
+                raise RemoteError(
+                    f"{uri}: still failing after {attempt} attempts ({reason}) over {clock() - started:.0f} s; "
+                    f"retries are set by {ATTEMPTS_ENV}, {BACKOFF_ENV} and {DEADLINE_ENV}",
+                    status,
+                ) from None
             log.warning("%s: %s; retry %d of %d in %.2f s", uri, reason, attempt, policy.attempts - 1, delay)
             sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover

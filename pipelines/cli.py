@@ -9,11 +9,10 @@ import os
 import sys
 import tempfile
 
-DEMO_MODEL = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "llama_bf16"
-)
+# Package data, so a wheel install has it too (tests/fixtures/llama_bf16 links here).
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")
 
-USAGE = """ckptbeam COMMAND [options]
+USAGE = """ckptbeam COMMAND [options]     (ckptbeam --version: versions for a bug report)
 
 commands:
   convert   HF safetensors -> MaxText Orbax checkpoint (Beam pipeline; Beam flags pass through)
@@ -93,8 +92,11 @@ def _demo(argv: list[str]) -> int:
         "--force", action="store_true", help="replace an existing checkpoint or model at OUTPUT (never done without it)"
     )
     args, beam_args = parser.parse_known_args(argv)
-    if not os.path.isdir(DEMO_MODEL):
-        print(f"demo model not found at {DEMO_MODEL}; run the demo from a source checkout", file=sys.stderr)
+    if not os.path.isfile(os.path.join(DEMO_MODEL, "model.safetensors")):
+        print(
+            f"ckptbeam demo: error: the bundled demo model is missing from {DEMO_MODEL} (broken install?)",
+            file=sys.stderr,
+        )
         return 2
     output = args.output or tempfile.mkdtemp(prefix="ckptbeam-demo-")
     force = ["--force"] if args.force else []
@@ -103,11 +105,29 @@ def _demo(argv: list[str]) -> int:
     return _export(["--source", output, "--output", os.path.join(output, "hf"), *force, *beam_args])
 
 
+def version_line() -> str:
+    """ckptbeam's version and those of the libraries that shape its output, for a bug report."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from pipelines import __version__
+
+    parts = []
+    for dist in ("apache-beam", "tensorstore", "huggingface_hub", "numpy"):
+        try:
+            parts.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            parts.append(f"{dist} not installed")
+    return f"ckptbeam {__version__} ({', '.join(parts)}; Python {sys.version.split()[0]})"
+
+
 COMMANDS = {"convert": _convert, "export": _export, "inspect": _inspect, "plan": _plan, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:
+        print(version_line())
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2

@@ -55,6 +55,7 @@ def test_python_versions_agree_across_readme_metadata_and_image():
     classifiers = re.findall(r"Programming Language :: Python :: (3\.\d+)$", "\n".join(PROJECT["classifiers"]), re.M)
     assert pythons == classifiers
     assert PROJECT["requires-python"] == f">={pythons[0]}"
+    assert re.search(rf'^target-version = "py{pythons[0].replace(".", "")}"', _read("ruff.toml"), re.M)
     image = re.search(r"^FROM python:(3\.\d+)-slim", _read("Dockerfile"), re.M).group(1)
     assert image in pythons
 
@@ -100,14 +101,29 @@ def _imported_modules() -> set[str]:
     return names - set(sys.stdlib_module_names) - set(RUNTIME_PACKAGES)
 
 
+def installed_closure(requirements: list[Requirement]) -> set[str]:
+    """Every distribution these requirements (with their extras) bring, as installed here."""
+    seen: set[tuple[str, str]] = set()
+    todo = [(r, extra) for r in requirements for extra in ["", *r.extras]]
+    while todo:
+        req, extra = todo.pop()
+        name = canonicalize_name(req.name)
+        if (name, extra) in seen:
+            continue
+        seen.add((name, extra))
+        for line in md.requires(name) or []:
+            sub = Requirement(line)
+            if not sub.marker or sub.marker.evaluate({"extra": extra}):
+                todo += [(sub, e) for e in ["", *sub.extras]]
+    return {name for name, _ in seen}
+
+
 def test_runtime_dependencies_are_what_the_conversion_code_imports():
     """No dead weight (jax, jaxlib, orbax and safetensors were installed but never imported by a
     conversion), and nothing imported that is not declared or brought by a declared package."""
     providers = md.packages_distributions()
     declared = {canonicalize_name(r.name) for r in RUNTIME}
-    brought = set(declared)
-    for name in declared:
-        brought |= {canonicalize_name(Requirement(r).name) for r in md.requires(name) or [] if "extra ==" not in r}
+    brought = installed_closure(RUNTIME)
     used = set()
     for module in _imported_modules():
         dists = {canonicalize_name(d) for d in providers.get(module, [])}

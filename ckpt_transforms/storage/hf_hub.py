@@ -52,7 +52,7 @@ class HfRef:
             parsed = parse_hf_uri(text)
         except HfUriError:
             raise SourceError(f"{uri!r} is not a Hugging Face model URI ({_EXPECTED})") from None
-        if parsed.type != "model" or text.startswith(HF_SCHEME + "models/"):
+        if parsed.type != "model":
             raise SourceError(f"{uri!r}: only model repositories can be converted ({_EXPECTED})")
         subfolder = parsed.path_in_repo.strip("/")
         if subfolder:

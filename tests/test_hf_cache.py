@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
-from conftest import FIXTURES, assert_matches_reference, convert
+from conftest import FIXTURES, ROOT, assert_matches_reference, convert
 from fake_hub import FakeHub
 
 from ckpt_transforms.storage.hf_hub import CachedSnapshot
@@ -76,6 +78,21 @@ def test_offline_conversion_reads_the_cache_and_asks_no_one(hf, monkeypatch, tmp
         summary = convert(uri, out)
         assert_matches_reference(out, SHARDED)
         assert summary["bytes_read"] > 0
+    _no_requests(hf)
+
+
+def test_offline_cli_with_workers_in_other_processes(hf, cache_dir, tmp_path):
+    """Beam workers in other processes open the pinned URI offline too: from the cache, asking no one."""
+    out = str(tmp_path / "out")
+    env = {**os.environ, "HF_ENDPOINT": hf.url, "HF_HUB_CACHE": cache_dir, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "pipelines.cli", "convert", "--source", "acme/tiny", "--output", out]
+    cmd += ["--runner=DirectRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+    proc = subprocess.run(
+        cmd + ["--max_item_bytes=20000"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"plan for hf://acme/tiny@{hf.repos['acme/tiny'].commit}" in proc.stdout
+    assert_matches_reference(out, SHARDED)
     _no_requests(hf)
 
 

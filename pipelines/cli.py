@@ -12,11 +12,10 @@ import sys
 import tempfile
 import traceback
 
-DEMO_MODEL = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "llama_bf16"
-)
+# Package data, so a wheel install has it too (tests/fixtures/llama_bf16 links here).
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")
 
-USAGE = """ckptbeam COMMAND [options]
+USAGE = """ckptbeam COMMAND [options]     (ckptbeam --version: versions for a bug report)
 
 commands:
   convert   HF safetensors -> MaxText Orbax checkpoint (Beam pipeline; Beam flags pass through)
@@ -99,8 +98,11 @@ def demo_parser() -> argparse.ArgumentParser:
 
 def _demo(argv: list[str]) -> int:
     args, beam_args = demo_parser().parse_known_args(argv)
-    if not os.path.isdir(DEMO_MODEL):
-        print(f"demo model not found at {DEMO_MODEL}; run the demo from a source checkout", file=sys.stderr)
+    if not os.path.isfile(os.path.join(DEMO_MODEL, "model.safetensors")):
+        print(
+            f"ckptbeam demo: error: the bundled demo model is missing from {DEMO_MODEL} (broken install?)",
+            file=sys.stderr,
+        )
         return 2
     occupied = args.output and os.path.exists(args.output)
     if occupied and (not os.path.isdir(args.output) or os.listdir(args.output)) and not args.force:
@@ -112,6 +114,21 @@ def _demo(argv: list[str]) -> int:
     _convert(["--source", DEMO_MODEL, "--output", output, *force, *beam_args])
     _inspect([output])
     return _export(["--source", output, "--output", os.path.join(output, "hf"), *force, *beam_args])
+
+
+def version_line() -> str:
+    """ckptbeam's version and those of the libraries that shape its output, for a bug report."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from pipelines import __version__
+
+    parts = []
+    for dist in ("apache-beam", "tensorstore", "huggingface_hub", "numpy"):
+        try:
+            parts.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            parts.append(f"{dist} not installed")
+    return f"ckptbeam {__version__} ({', '.join(parts)}; Python {sys.version.split()[0]})"
 
 
 COMMANDS = {"convert": _convert, "export": _export, "inspect": _inspect, "plan": _plan, "demo": _demo}
@@ -212,6 +229,9 @@ def run_command(command: str, args: list[str], debug: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
+    if argv[:1] == ["--version"]:
+        print(version_line())
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2

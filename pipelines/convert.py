@@ -39,7 +39,7 @@ def make_plan(
 ) -> tuple[Plan, dict]:
     """The plan and the provenance record of this conversion, from headers only (`model`: the
     source's headers, if already read)."""
-    source = model or load_source_model(byte_source or open_source(opts.source))
+    source = model or load_source_model(byte_source or open_source(opts.source, opts.revision))
     family = model_maps.detect_family(source.config, opts.model)
     model_map = family.build(source.config, use_multimodal=opts.use_multimodal, vocab_size=opts.vocab_size)
     plan = build_plan(
@@ -269,7 +269,7 @@ def run(argv: list[str] | None = None, convert_fn: type[ConvertWorkItem] = Conve
     report = report_stream(opts)
     orbax_writer.reset_shared_context()
     started = time.time()
-    source = open_source(opts.source)  # hf://: resolves the revision to one commit, here, once
+    source = open_source(opts.source, opts.revision)  # hf://: resolves the revision to one commit, here, once
     model = load_source_model(source)
     plan, provenance = make_plan(opts, source, model)
     summary = plan.summary()

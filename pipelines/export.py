@@ -112,9 +112,11 @@ def resolve_scan_layers(requested: bool | None, checkpoint: Checkpoint, model_ma
     return recorded if requested is None else requested
 
 
-def hf_side_files(hf_config: str | None, checkpoint: Checkpoint) -> dict[str, bytes]:
+def hf_side_files(hf_config: str | None, checkpoint: Checkpoint, revision: str | None = None) -> dict[str, bytes]:
     if hf_config:
-        return load_side_files(hf_config)
+        return load_side_files(hf_config, revision)
+    if revision:
+        raise PlanError(f"--revision {revision} applies to --hf_config hf://ORG/REPO, and no --hf_config was given")
     kept = kept_files(step_dir_of(checkpoint.items_dir))
     if CONFIG not in kept:
         raise PlanError(
@@ -127,7 +129,7 @@ def hf_side_files(hf_config: str | None, checkpoint: Checkpoint) -> dict[str, by
 def make_export_plan(args) -> tuple[ExportPlan, Checkpoint, dict[str, bytes], dict]:
     """The plan, the checkpoint, the side files to write and the provenance record."""
     checkpoint = load_checkpoint(args.source)
-    side = hf_side_files(args.hf_config, checkpoint)
+    side = hf_side_files(args.hf_config, checkpoint, args.revision)
     config = parse_config(side[CONFIG], args.hf_config or checkpoint.items_dir)
     family = model_maps.detect_family(config, args.model)
     unquantized = {k: v for k, v in config.items() if k != "quantization_config"}

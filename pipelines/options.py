@@ -103,8 +103,17 @@ class ConvertOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--source", help="Hugging Face model directory (config.json + safetensors)")
+        parser.add_argument(
+            "--source",
+            help="Hugging Face model directory (config.json + safetensors): a local path, gs://BUCKET/PATH or "
+            "hf://ORG/REPO[@REVISION][/SUBFOLDER]",
+        )
         parser.add_argument("--output", help="Output base directory; the checkpoint lands in OUTPUT/0/items")
+        parser.add_argument(
+            "--revision",
+            default=None,
+            help="Hugging Face revision (branch, tag or commit) of an hf://ORG/REPO or ORG/REPO --source; the same as @REVISION in the URI (giving both, different, is an error)",
+        )
         parser.add_argument(
             "--model",
             default=None,
@@ -223,9 +232,14 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hf_config",
         default=None,
-        help="The target config.json: a file, a model directory, or hf://ORG/REPO[@REV] (config.json, "
+        help="The target config.json: a file, a model directory, or hf://ORG/REPO[@REV][/SUBFOLDER] (config.json, "
         "generation_config.json and tokenizer files are taken from there). Default: the one ckptbeam convert "
         "kept with the checkpoint",
+    )
+    parser.add_argument(
+        "--revision",
+        default=None,
+        help="Hugging Face revision (branch, tag or commit) of an hf://ORG/REPO or ORG/REPO --hf_config; the same as @REVISION in the URI (giving both, different, is an error)",
     )
     parser.add_argument(
         "--model", default=None, help="Family or MaxText model name when config.json is ambiguous (as for convert)"

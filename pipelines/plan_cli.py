@@ -57,9 +57,12 @@ def make_plan(
     shard_count: int = 1,
     only: tuple[str, ...] = (),
     vocab_size: int | None = None,
+    revision: str | None = None,
 ) -> tuple[Plan, bool]:
     """(plan, synthesized?) for a model directory/URI or a bare config.json."""
     config_path = _config_only(source)
+    if config_path and revision:
+        raise ValueError(f"--revision {revision} applies to hf:// sources, not to the local config {config_path}")
     if config_path:
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
@@ -67,7 +70,7 @@ def make_plan(
         model_map = family.build(config, use_multimodal=use_multimodal, vocab_size=vocab_size)
         model_source = synthetic_source(config, model_map, config_path, scan_layers)
     else:
-        model_source = load_source_model(open_source(source))
+        model_source = load_source_model(open_source(source, revision))
         family = model_maps.detect_family(model_source.config, model)
         model_map = family.build(model_source.config, use_multimodal=use_multimodal, vocab_size=vocab_size)
     plan = build_plan(model_source, model_map, scan_layers, save_dtype, budget, shard_count, only)
@@ -86,6 +89,7 @@ def estimate_seconds(plan: Plan, workers: int, worker_mb_s: float) -> float:
 def plan_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ckptbeam plan", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--source", required=True, help="model directory/URI, or a config.json alone")
+    parser.add_argument("--revision", default=None, help="as for ckptbeam convert: revision of an hf:// source")
     parser.add_argument("--model", default=None, help="as for ckptbeam convert (None: detected from config.json)")
     add_bool(parser, "--scan_layers", True, "as for ckptbeam convert")
     parser.add_argument("--save_dtype", default="bfloat16", choices=sorted(SAVE_DTYPES), help="as for ckptbeam convert")
@@ -120,6 +124,7 @@ def plan_command(argv: list[str]) -> int:
         args.shard_count,
         parse_only(args.only),
         args.vocab_size,
+        args.revision,
     )
     summary = plan.summary()
     origin = "headers synthesized from config.json" if synthesized else "real safetensors headers"

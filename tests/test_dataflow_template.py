@@ -74,10 +74,15 @@ def test_dockerfile_copies_only_files_that_exist_and_sets_the_launcher_file():
     assert os.path.isfile(os.path.join(ROOT, py_file))
 
 
-def test_dockerfile_pins_the_same_beam_version_as_setup_py():
-    with open(os.path.join(ROOT, "setup.py"), encoding="utf-8") as f:
-        beam = re.search(r'apache-beam\[gcp\]==([\d.]+)"', f.read()).group(1)
-    assert f"apache/beam_python3.11_sdk:{beam} " in _dockerfile()
+def test_dockerfile_images_match_the_locked_beam_and_the_image_python():
+    """The worker boot binary comes from Beam's SDK image and the SDK harness from pip: both must be
+    the Beam version in constraints.txt, for the Python of the base image."""
+    with open(os.path.join(ROOT, "constraints.txt"), encoding="utf-8") as f:
+        beam = re.search(r"^apache-beam==([\d.]+)$", f.read(), re.M).group(1)
+    text = _dockerfile()
+    python = re.search(r"^FROM python:3\.(\d+)-slim", text, re.M).group(1)
+    assert f"apache/beam_python3.{python}_sdk:{beam} " in text
+    assert f"/python3{python}-template-launcher-base:" in text
 
 
 def test_hadolint_accepts_the_dockerfile():

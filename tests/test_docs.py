@@ -25,7 +25,7 @@ def test_ci_runs_the_readme_test_command():
         readme = f.read()
     with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
         ci = f.read()
-    command = "pip install -e '.[test]' && python -m pytest -q"
+    command = "pip install -c constraints.txt -e '.[test]' && python -m pytest -q"
     assert command in readme and command in ci
 
 

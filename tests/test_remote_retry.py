@@ -15,11 +15,9 @@ from ckpt_transforms.storage.remote import (
     RetryPolicy,
     http_status,
     is_permanent_failure,
-    looks_like_repo_id,
-    parse_hf_uri,
     with_retries,
 )
-from ckpt_transforms.storage.sources import LocalSource, SourceError, open_source
+from ckpt_transforms.storage.sources import SourceError
 
 
 class Flaky:
@@ -107,37 +105,6 @@ def test_http_status_of_library_errors():
     assert http_status(gexc.BadGateway("x")) == 502
     assert http_status(HttpStatusError(404)) == 404
     assert http_status(ConnectionResetError()) is None
-
-
-@pytest.mark.parametrize(
-    "uri,expected",
-    [
-        ("hf://acme/tiny", ("acme/tiny", None)),
-        ("hf://acme/tiny@main", ("acme/tiny", "main")),
-        ("hf://acme/tiny@refs/pr/3", ("acme/tiny", "refs/pr/3")),
-        ("hf://gpt2@" + "a" * 40, ("gpt2", "a" * 40)),
-        ("acme/Tiny-1.5B@v1", ("acme/Tiny-1.5B", "v1")),
-    ],
-)
-def test_parse_hf_uri(uri, expected):
-    assert parse_hf_uri(uri) == expected
-
-
-@pytest.mark.parametrize("uri", ["hf://", "hf://acme/tiny@", "hf://a/b/c", "hf://../x"])
-def test_bad_hf_uris_are_refused(uri):
-    with pytest.raises(SourceError, match="not a Hugging Face model URI"):
-        parse_hf_uri(uri)
-
-
-def test_plain_repo_ids_versus_local_paths(tmp_path, monkeypatch):
-    assert looks_like_repo_id("meta-llama/Llama-3.1-8B")
-    assert looks_like_repo_id("acme/tiny@main")
-    for path in ("/abs/path", "./rel/dir", "a/b/c", "model", "../x/y"):
-        assert not looks_like_repo_id(path)
-    # an existing local directory that looks like a repo id stays local
-    (tmp_path / "acme" / "tiny").mkdir(parents=True)
-    monkeypatch.chdir(tmp_path)
-    assert isinstance(open_source("acme/tiny"), LocalSource)
 
 
 def test_remote_schemes_register_lazily_in_a_fresh_process():

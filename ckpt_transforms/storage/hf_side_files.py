@@ -68,10 +68,12 @@ def kept_files(step_dir: str) -> dict[str, bytes]:
     return files
 
 
-def load_side_files(where: str) -> dict[str, bytes]:
+def load_side_files(where: str, revision: str | None = None) -> dict[str, bytes]:
     """--hf_config: a config.json file, or a model directory / gs:// / hf:// repo (then also its
-    generation config and tokenizer files). Weights are never read."""
+    generation config and tokenizer files; `revision`: --revision, for hf:// only). Weights are never read."""
     if where.endswith(".json") and "://" not in where:
+        if revision:
+            raise SourceError(f"--revision {revision} applies to --hf_config hf://ORG/REPO, not to the file {where}")
         if not os.path.isfile(where):
             raise SourceError(f"--hf_config {where}: no such file")
         with open(where, "rb") as f:
@@ -79,7 +81,7 @@ def load_side_files(where: str) -> dict[str, bytes]:
         if len(data) > MAX_SIDE_FILE_BYTES:
             raise SourceError(f"--hf_config {where} is over the {MAX_SIDE_FILE_BYTES}-byte limit")
         return {CONFIG: data}
-    return read_side_files(open_source(where))
+    return read_side_files(open_source(where, revision))
 
 
 def parse_config(data: bytes, where: str) -> dict:

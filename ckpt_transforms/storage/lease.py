@@ -81,7 +81,7 @@ def holder_record(command: str, output: str, now: float | None = None) -> dict:
 def _when(t: object) -> str:
     if not isinstance(t, int | float):
         return "unknown"
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def busy_message(output: str, holder: dict | None, path: str) -> str:

@@ -18,11 +18,13 @@ import logging
 import os
 import random
 import re
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from ckpt_transforms.storage.hf_hub import COMMIT, HfRef, open_hf
 from ckpt_transforms.storage.outdir import split_gcs
 from ckpt_transforms.storage.sources import SourceError, check_member_name, register_scheme
 
@@ -176,6 +178,20 @@ def is_permanent_failure(exc: BaseException) -> bool:
     return isinstance(exc, SourceError) or os_error_code(exc) in PERMANENT_ERRNOS
 
 
+def unreachable(exc: BaseException) -> str:
+    """Why no retry can succeed ('' if one might): offline mode, or a host name that does not resolve."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    if isinstance(exc, OfflineModeIsEnabled):
+        return "HF_HUB_OFFLINE is set, so the Hub is not asked"
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, socket.gaierror):
+            return f"cannot resolve the host name ({cause.strerror or cause}); no network, or a wrong endpoint?"
+        cause = cause.__cause__ or cause.__context__
+    return ""
+
+
 def permanent_message(uri: str, status: int | None, auth_hint: str, detail: str = "") -> str:
     """What a user needs to know about a refused request; names the URI, never credentials."""
     default = {
@@ -222,6 +238,8 @@ def with_retries(
             status = http_status(exc)
             if status is None and not is_connection_error(exc):
                 raise
+            if unreachable(exc):
+                raise RemoteError(f"{uri}: {unreachable(exc)}") from None
             detail = describe(exc) if describe else ""
             if status is not None and not is_transient_status(status):
                 raise RemoteError(permanent_message(uri, status, auth_hint, detail), status) from None
@@ -398,28 +416,7 @@ class GcsSource:
 
 
 # --------------------------------------------------------------------------------------------
-# hf://org/repo[@revision]: the Hugging Face Hub through huggingface_hub's HTTP session
-
-HF_SCHEME = "hf://"
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
-_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
-_REPO_ID = re.compile(rf"^{_NAME}(/{_NAME})?$")
-_PLAIN_REPO_ID = re.compile(rf"^{_NAME}/{_NAME}(@\S+)?$")
-
-
-def parse_hf_uri(uri: str) -> tuple[str, str | None]:
-    """'hf://org/repo@rev' -> ('org/repo', 'rev'); the revision is optional (branch, tag or commit)."""
-    rest = uri[len(HF_SCHEME) :] if uri.startswith(HF_SCHEME) else uri
-    repo_id, sep, revision = rest.partition("@")
-    repo_id = repo_id.strip("/")
-    if not _REPO_ID.match(repo_id) or (sep and not revision):
-        raise SourceError(f"{uri!r} is not a Hugging Face model URI (expected hf://ORG/REPO or hf://ORG/REPO@REVISION)")
-    return repo_id, revision or None
-
-
-def looks_like_repo_id(text: str) -> bool:
-    """A plain 'org/repo[@rev]' (no scheme) that is meant as a Hub model, not a relative path."""
-    return bool(_PLAIN_REPO_ID.match(text))
+# hf://org/repo[@revision][/subfolder]: the Hugging Face Hub through huggingface_hub's HTTP session
 
 
 def hf_endpoint() -> str:
@@ -450,33 +447,39 @@ def _describe_hf(exc: BaseException) -> str:
 
 
 class HfSource:
-    """A model repository on the Hugging Face Hub, pinned to one commit.
+    """A model repository (or a subfolder of one) on the Hugging Face Hub, pinned to one commit.
 
     The revision (default `main`) is resolved to a commit when the source is opened, on the
-    launcher; `uri` then names that commit (`hf://org/repo@<sha>`), so workers that open the
-    same URI read the same immutable files without asking the Hub again.
+    launcher; `uri` then names that commit (`hf://org/repo@<sha>[/subfolder]`), so workers that
+    open the same URI read the same immutable files without asking the Hub again. Files of that
+    commit already in the local Hub cache (`local`, set by `hf_hub.open_hf`) are read from there.
     """
 
-    def __init__(self, uri: str):
-        self.repo_id, revision = parse_hf_uri(uri)
+    def __init__(self, ref: HfRef | str, policy: RetryPolicy | None = None):
+        self.ref = ref if isinstance(ref, HfRef) else HfRef.parse(ref)
+        self.repo_id = self.ref.repo_id
         self.endpoint = hf_endpoint()
+        self.policy = policy
+        self.local = None
         self._files: dict[str, dict] | None = None
-        if revision is not None and _COMMIT.match(revision):
+        revision = self.ref.revision
+        if revision is not None and COMMIT.match(revision):
             self.commit = revision
         else:
             self.commit = self._load_info(revision or "main")
-        self.uri = f"{HF_SCHEME}{self.repo_id}@{self.commit}"
+        self.uri = self.ref.uri(self.commit)
 
     def _load_info(self, revision: str) -> str:
         """One model-info call: the commit of `revision` plus every file's size and etag."""
         from huggingface_hub import HfApi
 
         api = HfApi(endpoint=self.endpoint)
-        where = f"{HF_SCHEME}{self.repo_id}@{revision}"
+        where = HfRef(self.repo_id, revision, self.ref.subfolder).uri()
         info = with_retries(
             lambda: api.model_info(self.repo_id, revision=revision, files_metadata=True, timeout=HTTP_TIMEOUT_S),
             where,
             HF_AUTH_HINT,
+            policy=self.policy,
             describe=_describe_hf,
         )
         if not info.sha:
@@ -497,16 +500,13 @@ class HfSource:
     def _url(self, name: str) -> str:
         from huggingface_hub import hf_hub_url
 
-        check_member_name(name)
-        return hf_hub_url(self.repo_id, name, revision=self.commit, endpoint=self.endpoint)
+        return hf_hub_url(self.repo_id, self.ref.member(name), revision=self.commit, endpoint=self.endpoint)
 
     def exists(self, name: str) -> bool:
-        check_member_name(name)
-        return name in self._listing()
+        return self.ref.member(name) in self._listing()
 
     def fingerprint(self, name: str) -> dict:
-        check_member_name(name)
-        info = self._listing().get(name)
+        info = self._listing().get(self.ref.member(name))
         if info is None:
             raise RemoteError(f"{self.where(name)}: not found at this commit", 404)
         if info["size"] is None:  # the Hub left sizes out: ask for this file's headers
@@ -549,10 +549,12 @@ class HfSource:
     def read_range(self, name: str, offset: int, length: int) -> bytes:
         if length == 0:
             return b""
+        if self.local is not None and self.local.exists(name):
+            return self.local.read_range(name, offset, length)
         where = self.where(name)
         data = with_retries(lambda: self._get_range(name, offset, length), where, HF_AUTH_HINT)
         return check_range(data, where, offset, length)
 
 
 register_scheme("gs", GcsSource)
-register_scheme("hf", HfSource)
+register_scheme("hf", open_hf)

@@ -52,7 +52,8 @@ class LocalSource:
     def __post_init__(self) -> None:
         self.root = os.path.abspath(self.uri)
         if not os.path.isdir(self.root):
-            raise SourceError(f"source {self.uri!r} is not a directory")
+            what = "is not a directory" if os.path.exists(self.root) else "no such directory"
+            raise SourceError(f"source {self.uri!r}: {what}")
 
     def _path(self, name: str) -> str:
         check_member_name(name)
@@ -122,23 +123,28 @@ def _factory(scheme: str, uri: str) -> Callable[[str], ByteSource]:
     return _SCHEMES[scheme]
 
 
-def open_source(uri: str) -> ByteSource:
-    """The ByteSource for a model directory URI: local path, `gs://...`, `hf://org/repo[@rev]`.
+def open_source(uri: str, revision: str | None = None) -> ByteSource:
+    """The ByteSource for a model directory URI: local path, `gs://...`,
+    `hf://org/repo[@rev][/subfolder]` (`revision`: `--revision`, for hf:// only).
 
-    A plain `org/repo[@rev]` that is not an existing local path means a Hugging Face repository.
+    A plain `org/repo[@rev]` that is not an existing local path means a Hugging Face repository;
+    the Hub is asked once (no retries: it may be a mistyped path), and the error leads with
+    "no such directory".
     """
     scheme, sep, _ = uri.partition("://")
-    if sep:
-        return _factory(scheme, uri)(uri)
-    if not os.path.exists(uri):
-        from ckpt_transforms.storage.remote import looks_like_repo_id
+    if sep and scheme == "hf":
+        return _factory(scheme, uri)(uri, revision=revision)
+    if not sep and not os.path.exists(uri):
+        from ckpt_transforms.storage.hf_hub import looks_like_repo_id
 
         if looks_like_repo_id(uri):
             try:
-                return _factory("hf", uri)("hf://" + uri)
+                return _factory("hf", uri)("hf://" + uri, revision=revision, probe=True)
             except SourceError as e:
-                raise SourceError(f"{e} (and there is no local directory {uri!r})") from None
-    return LocalSource(uri)
+                raise SourceError(f"source {uri!r}: no such directory, nor a Hugging Face model ({e})") from None
+    if revision:
+        raise SourceError(f"--revision {revision} applies to Hugging Face sources (hf://ORG/REPO), not to {uri!r}")
+    return _factory(scheme, uri)(uri) if sep else LocalSource(uri)
 
 
 def coalesce_ranges(ranges: Iterable[tuple[int, int]], max_gap: int = 0) -> list[tuple[int, int]]:

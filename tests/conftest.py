@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import subprocess
 import sys
 
 import jax
@@ -21,6 +23,25 @@ GOLDEN = os.path.join(TESTS, "golden")
 FIXTURE_NAMES = sorted(d for d in os.listdir(FIXTURES) if os.path.isfile(os.path.join(FIXTURES, d, "config.json")))
 # Fixtures MaxText converts only unscanned (Gemma4 E2B/E4B: its gemma4_small decoder has no scanned form).
 UNSCANNED_ONLY = frozenset({"gemma4_small_bf16"})
+
+
+def tree_hashes(root: str) -> dict[str, str]:
+    """Every file under `root` (relative path) -> sha256 of its bytes: "unchanged" means this is equal."""
+    found = {}
+    for base, _, files in os.walk(root):
+        for f in files:
+            path = os.path.join(base, f)
+            with open(path, "rb") as fh:
+                found[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return found
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`ckptbeam ARGS` in a fresh process running this checkout's code."""
+    environ = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, env=environ, capture_output=True, text=True
+    )
 
 
 def convert(source: str, output: str, *args: str, convert_fn=None) -> dict:

@@ -9,7 +9,6 @@ killed worker end the run with one line.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.server
 import json
 import os
@@ -22,7 +21,7 @@ import sys
 import threading
 
 import pytest
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, tree_hashes
 
 from pipelines import cli
 from pipelines.errors import _children, one_line
@@ -57,16 +56,6 @@ def one_error_line(result: subprocess.CompletedProcess, command: str = "convert"
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"ckptbeam {command}: error: "), lines[0]
     return lines[0]
-
-
-def tree_digest(path) -> dict[str, str]:
-    out = {}
-    for root, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(root, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 @contextlib.contextmanager
@@ -178,7 +167,7 @@ def test_disk_full_is_one_line_not_retried_and_the_old_checkpoint_stays(tmp_path
         out = disk / "out"
         first = ckptbeam("convert", "--source", LLAMA, "--output", str(out))
         assert first.returncode == 0, first.stderr
-        before = tree_digest(out)
+        before = tree_hashes(out)
         result = ckptbeam(
             "convert", "--source", LLAMA, "--output", str(out), "--force", CKPTBEAM_PROGRESS_INTERVAL_S="60"
         )
@@ -187,7 +176,7 @@ def test_disk_full_is_one_line_not_retried_and_the_old_checkpoint_stays(tmp_path
         assert f"nothing was published at {out}" in line
         assert "retrying" not in result.stderr and "attempts" not in line  # ENOSPC is not transient
         assert sorted(os.listdir(out)) == ["0"]  # no staging left behind
-        assert tree_digest(out) == before
+        assert tree_hashes(out) == before
 
 
 # --------------------------------------------------------------------------- remote outputs

@@ -11,15 +11,13 @@ gs:// 503 storm.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
 import subprocess
-import sys
 
 import pytest
-from conftest import FIXTURES, ROOT, assert_matches_reference, convert
+from conftest import FIXTURES, assert_matches_reference, convert, run_cli, tree_hashes
 
 from ckpt_transforms.storage import lease, outdir
 
@@ -28,23 +26,8 @@ OLD, NEW = "--scan_layers=true", "--scan_layers=false"  # convert: the old and t
 SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM}
 
 
-def tree_hashes(root: str) -> dict[str, str]:
-    found = {}
-    for base, _, files in os.walk(root):
-        for f in files:
-            path = os.path.join(base, f)
-            with open(path, "rb") as fh:
-                found[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return found
-
-
 def cli(*args: str, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    if fault:
-        env["CKPTBEAM_FAULT"] = fault
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    return run_cli(*args, env={"CKPTBEAM_FAULT": fault} if fault else None)
 
 
 def assert_died_of(proc: subprocess.CompletedProcess, action: str) -> None:

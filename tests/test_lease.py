@@ -7,16 +7,13 @@ enforces `ifGenerationMatch` (the emulator ignores it on simple uploads and dele
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
-from conftest import FIXTURES, ROOT, assert_matches_reference, convert
+from conftest import FIXTURES, assert_matches_reference, convert, run_cli, tree_hashes
 from gcs_emulator import FakeGcs, FaultProxy
 
 from ckpt_transforms.storage import lease, outdir
@@ -26,22 +23,11 @@ MODEL = os.path.join(FIXTURES, "llama_bf16")
 
 
 def snapshot(root: str) -> dict[str, str]:
-    """Every file under `root` (and beside it: leases, staging) -> sha256 of its bytes."""
-    found = {}
-    parent = os.path.dirname(root)
-    for base, _, files in os.walk(parent):
-        for f in files:
-            path = os.path.join(base, f)
-            with open(path, "rb") as fh:
-                found[os.path.relpath(path, parent)] = hashlib.sha256(fh.read()).hexdigest()
-    return found
+    """Every file under `root` and beside it (leases, staging) -> sha256 of its bytes."""
+    return tree_hashes(os.path.dirname(root))
 
 
-def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    environ = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, env=environ, capture_output=True, text=True
-    )
+cli = run_cli
 
 
 SECOND: dict = {}

@@ -28,7 +28,7 @@ from ckpt_transforms.storage.sources import ByteSource, open_source
 from pipelines.errors import add_cleanup_note
 from pipelines.graph import METRICS_NAMESPACE, ConvertWorkItem, build_pipeline
 from pipelines.options import BOOL_WORDS, ConvertOptions, check_argv, convert_parser, parse_only, str2bool
-from pipelines.progress import ProgressMonitor
+from pipelines.progress import ProgressMonitor, human_bytes
 from pipelines.resume import Staging, convert_plan_id, keep_after_failure, prepare_convert
 
 log = logging.getLogger("ckptbeam")
@@ -109,14 +109,6 @@ def _existing_checkpoint(output: str, provenance: dict, force: bool) -> tuple[bo
         outdir.remove_tree(final)
         return False, reasons
     return True, reasons
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
 
 
 def _param_count(summary: dict) -> str:

@@ -54,9 +54,18 @@ def log_interval() -> float:
         raise ValueError(f"environment variable {INTERVAL_ENV}={text!r}: expected seconds") from None
 
 
+def human_bytes(n: float) -> str:
+    """A size in binary units (KiB, MiB, ...): the one unit system of every line ckptbeam prints."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
 class ProgressMonitor:
-    """Progress of a run seen from the launcher: on a terminal a live bar (items, bytes, MB/s,
-    ETA), elsewhere a log line 'N/M work items, MB written, MB/s, ETA' every `interval` seconds.
+    """Progress of a run seen from the launcher: on a terminal a live bar (items, bytes, MiB/s,
+    ETA), elsewhere a log line 'N/M work items, MiB written, MiB/s, ETA' every `interval` seconds.
 
     On the way out it logs the final count, and on failure records on the exception how many
     items had finished, for the one line the CLI prints."""
@@ -109,11 +118,11 @@ class ProgressMonitor:
         elapsed = max(time.time() - self.started, 1e-6)
         frac = done / self.total_items if self.total_items else 1.0
         written = self.total_bytes * frac
-        rate = written / elapsed / 1e6
+        rate = written / elapsed
         eta = f"{elapsed / frac - elapsed:.0f} s" if frac > 0 else "unknown"
         return (
             f"progress: {done}/{self.total_items} work items ({100 * frac:.0f}%), "
-            f"~{written / 1e6:.1f} MB written, {rate:.1f} MB/s, ETA {eta}"
+            f"~{human_bytes(written)} written, {human_bytes(rate)}/s, ETA {eta}"
         )
 
     def _run(self) -> None:
@@ -132,7 +141,7 @@ class ProgressMonitor:
         width = _terminal_width(sys.stderr)
         with (
             tqdm(
-                total=self.total_bytes, unit="B", unit_scale=True, desc="ckptbeam", file=sys.stderr,
+                total=self.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="ckptbeam", file=sys.stderr,
                 ncols=width or 100, nrows=20, dynamic_ncols=bool(width), mininterval=BAR_REFRESH_S, leave=True,
             ) as bar,
             logging_redirect_tqdm(loggers=[logging.getLogger()], tqdm_class=tqdm),

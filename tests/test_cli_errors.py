@@ -263,7 +263,7 @@ def test_progress_lines_on_stderr_of_convert_and_export(tmp_path):
     progress = [PROGRESS_LINE.match(line) for line in result.stderr.splitlines()]
     counts = [(int(m.group(1)), int(m.group(2))) for m in progress if m]
     assert counts and counts[-1] == (12, 12), result.stderr
-    assert "MB/s, ETA" in result.stderr
+    assert "iB/s, ETA" in result.stderr
     assert "work item 1/12 done" not in result.stderr  # one line per item only with --debug
     assert "Discarding unparseable args" not in result.stderr and "Traceback" not in result.stderr
 

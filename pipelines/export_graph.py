@@ -136,10 +136,7 @@ class ExportWorkItem(beam.DoFn):
             mark_done(self.staging_dir, record.item_id)
             return
         self.writer.flush()
-        try:
-            resume.write_record(self.staging_dir, self.resume_plan, record.item_id, record.payload())
-        except Exception as e:  # noqa: BLE001 - only a rerun loses something: it redoes this item
-            log.warning("export work item %d: could not write its resume record: %s", record.item_id, e)
+        resume.record_committed(self.staging_dir, self.resume_plan, record.item_id, record.payload())
 
     def finish_bundle(self) -> None:
         # Durable before the bundle's records are committed.

@@ -189,10 +189,7 @@ class ConvertWorkItem(beam.DoFn):
         if self.resume_plan is None:
             return
         staging = self.items_dir.rstrip("/").rsplit("/", 1)[0]
-        try:
-            resume.write_record(staging, self.resume_plan, record.item_id, record.payload())
-        except Exception as e:  # noqa: BLE001 - only a rerun loses something: it redoes this item
-            log.warning("work item %d: could not write its resume record: %s", record.item_id, e)
+        resume.record_committed(staging, self.resume_plan, record.item_id, record.payload())
 
     def process(self, item):
         # Wait for the oldest commits until this item fits next to the ones still in flight.

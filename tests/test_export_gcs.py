@@ -405,6 +405,7 @@ def test_killed_gcs_export_resumes_writing_only_the_rest(gcs, proxy, tmp_path, m
     assert len(plan.items) // 2 <= len(adopted) < len(plan.items)
     assert not _objects(gcs, "resumed/")
 
+    monkeypatch.setenv("CKPTBEAM_LEASE_EXPIRY_S", "0")  # the killed run's lease has expired
     reads = count_region_reads(monkeypatch)
     summary = export(gcs.local_ckpt, out, *SMALL)
 

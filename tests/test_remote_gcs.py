@@ -299,6 +299,7 @@ def test_killed_gcs_convert_resumes_reading_only_the_rest(gcs, proxy, tmp_path, 
     assert len(plan.items) // 2 <= len(adopted) < len(plan.items)
     assert orbax_writer.COMMIT_FILE not in outdir.list_children(staging)
 
+    monkeypatch.setenv("CKPTBEAM_LEASE_EXPIRY_S", "0")  # the killed run's lease has expired
     reads = count_reads(monkeypatch)
     summary = convert(model, out, *ITEMS)
 

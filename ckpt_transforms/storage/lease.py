@@ -32,8 +32,6 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import tensorstore as ts
-
 from ckpt_transforms.storage import outdir
 
 log = logging.getLogger("ckptbeam")
@@ -168,14 +166,18 @@ class GcsLease:
         self.output, self.record, self.path = output, record, lease_path(output)
         self.expiry = expiry_seconds() if expiry is None else expiry
         parent, self._name = posixpath.split(self.path)
-        self._kv = ts.KvStore.open(outdir.kvstore_spec(parent)).result()
+        self._kv = outdir.gcs_kvstore(parent)
         self._generation: bytes | None = None
         self._stop = threading.Event()
         self._lost = False
         self._thread: threading.Thread | None = None
 
+    def _op(self, fn):
+        """One kvstore operation on the lease object; a failure names its gs:// URI."""
+        return self._kv.start(self.path, fn).result()
+
     def acquire(self) -> None:
-        current = self._kv.read(self._name).result()
+        current = self._op(lambda kv: kv.read(self._name))
         holder = _parse(bytes(current.value)) if current.state == "value" else None
         if current.state == "value":
             beat = (holder or {}).get("heartbeat")
@@ -183,9 +185,9 @@ class GcsLease:
             if age <= self.expiry:
                 raise LeaseBusy(busy_message(self.output, holder, self.path))
             log.warning("taking over an expired lease (no heartbeat for %.0f s): %s", age, holder)
-        written = self._kv.write(self._name, _encode(self.record), if_equal=current.stamp.generation).result()
+        written = self._op(lambda kv: kv.write(self._name, _encode(self.record), if_equal=current.stamp.generation))
         if written.generation == _LOST:  # another run created or took it over between our read and write
-            winner = self._kv.read(self._name).result()
+            winner = self._op(lambda kv: kv.read(self._name))
             raise LeaseBusy(busy_message(self.output, _parse(bytes(winner.value)) or None, self.path))
         self._generation = written.generation
         self._thread = threading.Thread(target=self._heartbeat, name="ckptbeam-lease-heartbeat", daemon=True)
@@ -195,7 +197,7 @@ class GcsLease:
         while not self._stop.wait(max(self.expiry / 4, MIN_HEARTBEAT_S)):
             self.record["heartbeat"] = time.time()
             try:
-                written = self._kv.write(self._name, _encode(self.record), if_equal=self._generation).result()
+                written = self._op(lambda kv: kv.write(self._name, _encode(self.record), if_equal=self._generation))
             except Exception as e:  # noqa: BLE001 - transient: the next beat tries again, well within expiry
                 log.warning("lease heartbeat on %s failed: %s", self.path, e)
                 continue
@@ -212,7 +214,7 @@ class GcsLease:
             self._thread.join()
         if self._generation is not None and not self._lost:
             try:
-                self._kv.write(self._name, None, if_equal=self._generation).result()
+                self._op(lambda kv: kv.write(self._name, None, if_equal=self._generation))
             except Exception as e:  # noqa: BLE001 - the run's result matters more; the lease expires
                 log.warning("could not release the lease %s (%s); it expires %.0f s after its last heartbeat",
                             self.path, e, self.expiry)  # fmt: skip
@@ -223,7 +225,7 @@ class GcsLease:
 
     def verify(self) -> None:
         """Raise LeaseLost unless the lease object still names this run (one read)."""
-        current = self._kv.read(self._name).result()
+        current = self._op(lambda kv: kv.read(self._name))
         holder = _parse(bytes(current.value)) if current.state == "value" else None
         if self._lost or (holder or {}).get("run_id") != self.record["run_id"]:
             self._lost = True

@@ -113,8 +113,12 @@ class _NamedFuture:
         return self.store._call(self.uri, self.future.result)
 
 
-def _gcs_kvstore(directory: str) -> _GcsKvStore:
+def gcs_kvstore(directory: str) -> _GcsKvStore:
+    """The kvstore of a gs:// directory; every failure names the URI it concerns."""
     return _GcsKvStore(directory)
+
+
+_gcs_kvstore = gcs_kvstore
 
 
 def _prefix_range(prefix: str) -> ts.KvStore.KeyRange:
@@ -167,7 +171,7 @@ def read_many(paths: list[str]) -> list[bytes | None]:
         parent, name = posixpath.split(path)
         if parent not in stores:
             stores[parent] = _gcs_kvstore(parent)
-        futures.append(stores[parent].read(name))
+        futures.append(stores[parent].start(path, lambda store, key=name: store.read(key)))
     results = [f.result() for f in futures]
     return [bytes(r.value) if r.state == "value" else None for r in results]
 

@@ -70,6 +70,19 @@ def write_record(staging: str, plan: str, item_id: int, payload: dict) -> None:
     outdir.write_text(outdir.join(records_dir(staging), str(item_id)), json.dumps(record, separators=(",", ":")))
 
 
+def record_committed(staging: str, plan: str, item_id: int, payload: dict) -> None:
+    """Write a committed item's record. A failure that will repeat (a full disk) fails the item, so
+    the run reports it once; any other failure only costs a rerun this item, so it is logged."""
+    from ckpt_transforms.storage.remote import is_permanent_failure
+
+    try:
+        write_record(staging, plan, item_id, payload)
+    except Exception as e:  # noqa: BLE001 - sorted below
+        if is_permanent_failure(e):
+            raise
+        log.warning("work item %d: could not write its resume record (a rerun redoes it): %s", item_id, e)
+
+
 def parse_record(name: str, data: bytes | None, plan: str, item_ids: set[int]) -> dict | None:
     """A record's payload if it is whole, of `plan` and names an item of it (by its own name too)."""
     try:

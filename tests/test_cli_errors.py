@@ -167,7 +167,7 @@ def test_disk_full_is_one_line_not_retried_and_the_old_checkpoint_stays(tmp_path
         out = disk / "out"
         first = ckptbeam("convert", "--source", LLAMA, "--output", str(out))
         assert first.returncode == 0, first.stderr
-        before = tree_hashes(out)
+        before = tree_hashes(out / "0")
         result = ckptbeam(
             "convert", "--source", LLAMA, "--output", str(out), "--force", CKPTBEAM_PROGRESS_INTERVAL_S="60"
         )
@@ -177,7 +177,7 @@ def test_disk_full_is_one_line_not_retried_and_the_old_checkpoint_stays(tmp_path
         assert "retrying" not in result.stderr and "attempts" not in line  # ENOSPC is not transient
         # Nothing but the failed run's staging, kept (with its committed items) for a resuming rerun.
         assert all(e == "0" or e.startswith("0.orbax-checkpoint-tmp-") for e in os.listdir(out)), os.listdir(out)
-        assert tree_hashes(out) == before
+        assert tree_hashes(out / "0") == before
 
 
 # --------------------------------------------------------------------------- remote outputs

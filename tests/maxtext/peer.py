@@ -223,6 +223,9 @@ class Family:
     # cannot express (each one says why).
     hf_config_overrides: Callable[[dict], dict] | None = None
     hf_class: str = "AutoModelForCausalLM"
+    # Entries MaxText's own HF config table has for this model that the fixture's config.json
+    # (as transformers saves it) omits, and MaxText's exporter reads from that table.
+    hf_table_entries: tuple[tuple[str, object], ...] = ()
 
     @property
     def path(self) -> str:
@@ -308,7 +311,15 @@ FAMILIES: dict[str, Family] = {
     for f in [
         Family("llama", "tests/fixtures/llama_bf16", "llama3.1-8b", _llama),
         Family("mistral", "tests/fixtures/mistral_bf16", "mistral-7b", _llama),
-        Family("qwen2", "tests/fixtures/qwen2_bf16_tied", "qwen2.5-7b", _llama),
+        # transformers' Qwen2Config has no attention_bias (Qwen2 always has q/k/v biases); MaxText's
+        # table sets it and its qwen2 export reads the biases only when it is true.
+        Family(
+            "qwen2",
+            "tests/fixtures/qwen2_bf16_tied",
+            "qwen2.5-7b",
+            _llama,
+            hf_table_entries=(("attention_bias", True),),
+        ),
         Family("qwen3", "tests/fixtures/qwen3_bf16_tied", "qwen3-0.6b", _llama),
         Family("qwen3_moe", "tests/fixtures/qwen3_moe_bf16", "qwen3-30b-a3b", _mixtral),
         Family("mixtral", "tests/golden/mixtral", "mixtral-8x7b", _mixtral),
@@ -448,12 +459,12 @@ def run_to_huggingface(family: Family, items: str, out: str, scan_layers: bool, 
     fixture's config) and it copies a tokenizer from `--hf_model_path`, so a directory with the
     fixture's config.json and a tiny tokenizer is passed there."""
     hf_dir = os.path.join(workdir, f"{family.name}-tokenizer")
-    if not os.path.isdir(hf_dir):
-        os.makedirs(hf_dir)
-        config = load_config(family.path)
-        with open(os.path.join(hf_dir, "config.json"), "w") as f:
-            json.dump(config, f)
+    config = load_config(family.path) | dict(family.hf_table_entries)
+    if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+        os.makedirs(hf_dir, exist_ok=True)
         write_tiny_tokenizer(hf_dir, int(text_config(config)["vocab_size"]))
+    with open(os.path.join(hf_dir, "config.json"), "w") as f:
+        json.dump(config, f)
     args = [
         *_common_args(family, scan_layers),
         f"load_parameters_path={items}",
@@ -530,12 +541,15 @@ def compare_leaves(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -
 TOKENS = np.array([[2, 17, 101, 5, 233, 64, 9, 150, 42, 7, 199, 3]], dtype=np.int64)
 
 
+LOADERS = ("nnx", "linen")  # MaxText's default NNX loader (from_pretrained), its Linen decode path (MaxEngine)
+
+
 def maxtext_logits(
-    family: Family, items: str, scan_layers: bool, workdir: str, tokens: np.ndarray = TOKENS
+    family: Family, items: str, scan_layers: bool, workdir: str, loader: str = "nnx", tokens: np.ndarray = TOKENS
 ) -> np.ndarray:
     """MaxText's model (float32 compute and weights) over `tokens`, params restored from `items`
-    through its normal load path (`load_parameters_path`)."""
-    tag = os.path.basename(os.path.dirname(os.path.dirname(items)))
+    through its normal load path (`load_parameters_path`) by `loader` (one of LOADERS)."""
+    tag = os.path.basename(os.path.dirname(os.path.dirname(items))) + f"-{loader}"
     tokens_path, out_path = os.path.join(workdir, f"{tag}-tokens.npy"), os.path.join(workdir, f"{tag}-logits.npy")
     np.save(tokens_path, tokens)
     args = [
@@ -543,7 +557,8 @@ def maxtext_logits(
         f"load_parameters_path={items}",
         f"base_output_directory={os.path.join(workdir, tag + '-run')}",
         "per_device_batch_size=1",
-        f"max_target_length={tokens.shape[1]}",
+        # The decode path's KV cache needs room past the prompt (MaxText checks target > prefill).
+        f"max_target_length={tokens.shape[1] + (4 if loader == 'linen' else 0)}",
         f"max_prefill_predict_length={tokens.shape[1]}",
         "dtype=float32",
         "weight_dtype=float32",
@@ -551,7 +566,7 @@ def maxtext_logits(
         "async_checkpointing=false",
         *family.run_overrides,
     ]
-    cmd = [PEER_PYTHON, os.path.join(HERE, "peer_main.py"), "logits", tokens_path, out_path, *args]
+    cmd = [PEER_PYTHON, os.path.join(HERE, "peer_main.py"), "logits", loader, tokens_path, out_path, *args]
     _run(cmd, out_path + ".log", env=_peer_env(), cwd=workdir)
     return np.load(out_path)
 

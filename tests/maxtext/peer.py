@@ -207,6 +207,61 @@ def _mixtral(t: dict) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
+class Fold:
+    """A constant MaxText's to_maxtext multiplies into a weight, the product rounded to the
+    checkpoint's bf16, where transformers applies the constant at run time instead (MaxText's query
+    kernel is stored times head_dim ** -0.5, Gemma's embedding times sqrt(hidden_size)). Unless the
+    constant is a power of two, the bf16 checkpoint holds a slightly different weight than the HF
+    one (relative error up to 2 ** -9), so the reference model is given that same weight:
+    `w <- bf16(w * stored) / applied`. Found diagnosing the Mixtral and Gemma4 logit gaps: with
+    the fold their max |diff| drops from 0.13 / 0.02 to ~1e-5 (README, MaxText peer suite)."""
+
+    suffix: str  # the transformers parameter name ends with this
+    stored: np.generic  # the constant as MaxText's hook types it (float32; bfloat16 for Gemma3)
+    applied: float  # the constant transformers' model applies at run time
+
+
+def query_fold(t: dict) -> tuple[Fold, ...]:
+    """MaxText's llama / mixtral / gemma2 hooks (scale_query_layer): q kernel * float32(1/sqrt(head_dim))."""
+    head_dim = int(t.get("head_dim") or int(t["hidden_size"]) // int(t["num_attention_heads"]))
+    return (Fold("self_attn.q_proj.weight", np.float32(1 / np.sqrt(head_dim)), head_dim**-0.5),)
+
+
+def embedding_fold(t: dict) -> tuple[Fold, ...]:
+    """MaxText's gemma2 / gemma4 hooks: embedding * float32(sqrt(hidden_size))."""
+    return (Fold("embed_tokens.weight", np.float32(t["hidden_size"] ** 0.5), t["hidden_size"] ** 0.5),)
+
+
+def gemma2_folds(t: dict) -> tuple[Fold, ...]:
+    return query_fold(t) + embedding_fold(t)
+
+
+def gemma3_folds(t: dict) -> tuple[Fold, ...]:
+    """MaxText's gemma3 hook: embedding * bfloat16(sqrt(hidden_size)) (the constant itself in bf16)."""
+    import ml_dtypes
+
+    return (Fold("embed_tokens.weight", ml_dtypes.bfloat16(t["hidden_size"] ** 0.5), t["hidden_size"] ** 0.5),)
+
+
+def apply_folds(model: object, folds: tuple[Fold, ...]) -> int:
+    """Give a transformers model the weights MaxText's bf16 checkpoint holds (Fold); returns how
+    many parameters changed (tied ones once)."""
+    import ml_dtypes
+    import torch
+
+    done = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # type: ignore[attr-defined]
+            for fold in folds:
+                if name.endswith(fold.suffix):
+                    w = param.detach().float().numpy()
+                    stored = (w * fold.stored).astype(ml_dtypes.bfloat16).astype(np.float32)
+                    param.copy_(torch.from_numpy(stored / np.float32(fold.applied)))
+                    done += 1
+    return done
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
     """One fixture as MaxText sees it: the MaxText model whose config and HF-table entry it
     stands in for, and how to derive MaxText's dims from its config.json."""
@@ -226,6 +281,8 @@ class Family:
     # Entries MaxText's own HF config table has for this model that the fixture's config.json
     # (as transformers saves it) omits, and MaxText's exporter reads from that table.
     hf_table_entries: tuple[tuple[str, object], ...] = ()
+    # Constants MaxText's checkpoint format multiplies into a bf16 weight (see Fold).
+    folds: Callable[[dict], tuple[Fold, ...]] | None = None
 
     @property
     def path(self) -> str:
@@ -309,8 +366,8 @@ DEEPSEEK_RUN = ("rope_type=default",)
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in [
-        Family("llama", "tests/fixtures/llama_bf16", "llama3.1-8b", _llama),
-        Family("mistral", "tests/fixtures/mistral_bf16", "mistral-7b", _llama),
+        Family("llama", "tests/fixtures/llama_bf16", "llama3.1-8b", _llama, folds=query_fold),
+        Family("mistral", "tests/fixtures/mistral_bf16", "mistral-7b", _llama, folds=query_fold),
         # transformers' Qwen2Config has no attention_bias (Qwen2 always has q/k/v biases); MaxText's
         # table sets it and its qwen2 export reads the biases only when it is true.
         Family(
@@ -322,7 +379,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family("qwen3", "tests/fixtures/qwen3_bf16_tied", "qwen3-0.6b", _llama),
         Family("qwen3_moe", "tests/fixtures/qwen3_moe_bf16", "qwen3-30b-a3b", _mixtral),
-        Family("mixtral", "tests/golden/mixtral", "mixtral-8x7b", _mixtral),
+        Family("mixtral", "tests/golden/mixtral", "mixtral-8x7b", _mixtral, folds=query_fold),
         Family("deepseek2", "tests/fixtures/deepseek2_bf16", "deepseek2-16b", _deepseek, run_overrides=DEEPSEEK_RUN),
         Family("deepseek3", "tests/fixtures/deepseek3_bf16", "deepseek3-671b", _deepseek, run_overrides=DEEPSEEK_RUN),
         Family(
@@ -351,6 +408,7 @@ FAMILIES: dict[str, Family] = {
             "gemma2-2b",
             _gemma2,
             hf_config_overrides=gemma_query_scale_is_head_dim,
+            folds=gemma2_folds,
         ),
         Family(
             "gemma3",
@@ -359,13 +417,24 @@ FAMILIES: dict[str, Family] = {
             _gemma3,
             maxtext_source=GEMMA3_KEYS,
             hf_config_overrides=gemma_query_scale_is_head_dim,
+            folds=gemma3_folds,
         ),
         Family(
-            "gemma4_dense", "tests/fixtures/gemma4_dense_bf16", "gemma4-31b", _gemma4, maxtext_source=GEMMA4_TEXT_KEYS
+            "gemma4_dense",
+            "tests/fixtures/gemma4_dense_bf16",
+            "gemma4-31b",
+            _gemma4,
+            maxtext_source=GEMMA4_TEXT_KEYS,
+            folds=embedding_fold,
         ),
-        Family("gemma4_moe", "tests/fixtures/gemma4_moe_bf16", "gemma4-26b", _gemma4),
+        Family("gemma4_moe", "tests/fixtures/gemma4_moe_bf16", "gemma4-26b", _gemma4, folds=embedding_fold),
         Family(
-            "gemma4_small", "tests/fixtures/gemma4_small_bf16", "gemma4-e2b", _gemma4, maxtext_source=GEMMA4_TEXT_KEYS
+            "gemma4_small",
+            "tests/fixtures/gemma4_small_bf16",
+            "gemma4-e2b",
+            _gemma4,
+            maxtext_source=GEMMA4_TEXT_KEYS,
+            folds=embedding_fold,
         ),
         Family("olmo3", "tests/fixtures/olmo3_bf16", "olmo3-7b", _olmo3),
         Family("qwen3_next", "tests/fixtures/qwen3_next_bf16", "qwen3-next-80b-a3b", _qwen3_next),
@@ -571,8 +640,11 @@ def maxtext_logits(
     return np.load(out_path)
 
 
-def hf_logits(family: Family, tokens: np.ndarray = TOKENS, hf_dir: str | None = None) -> np.ndarray:
-    """transformers' model (float32) over `tokens`, in the project's interpreter (needs torch)."""
+def hf_logits(
+    family: Family, tokens: np.ndarray = TOKENS, hf_dir: str | None = None, folded: bool = False
+) -> np.ndarray:
+    """transformers' model (float32) over `tokens`, in the project's interpreter (needs torch);
+    `folded`: with the weights MaxText's bf16 checkpoint holds (the family's Folds)."""
     import torch
     import transformers
 
@@ -584,6 +656,10 @@ def hf_logits(family: Family, tokens: np.ndarray = TOKENS, hf_dir: str | None = 
             setattr(target, key, value)
     cls = getattr(transformers, family.hf_class)
     model = cls.from_pretrained(path, config=config, dtype=torch.float32).eval()
+    if folded and family.folds is not None:
+        folds = family.folds(text_config(load_config(path)))
+        if not apply_folds(model, folds):
+            raise AssertionError(f"{family.name}: no parameter ends with {[f.suffix for f in folds]}")
     with torch.no_grad():
         return model(input_ids=torch.tensor(tokens)).logits.float().numpy()
 

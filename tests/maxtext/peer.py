@@ -12,6 +12,7 @@ built-in HF config table entry (replaced by the fixture's config in `peer_main.p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,7 +20,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -270,6 +271,11 @@ class Family:
     fixture: str  # a directory under ROOT
     model_name: str
     dims: Callable[[dict], dict]
+    # The reference's top-k breaks exact ties by lower index, as MaxText's DeepSeek-V3.2 indexer
+    # does (indexer_mask_exact_topk, its default: "keeping only the first k ... along sequence");
+    # torch.topk leaves the order of ties unspecified. The tiny fixture's relu'd indexer scores
+    # tie at exactly 0 at the cut-off (layer 0, position 10), where the two picks differ.
+    hf_topk_lower_index_first: bool = False
     # A source for MaxText that differs from ckptbeam's (MaxText needs pre-dequantized input).
     maxtext_source: Callable[[str, str], str] | None = None
     # Extra MaxText settings for running the model (not needed to convert).
@@ -359,8 +365,11 @@ def gemma_query_scale_is_head_dim(t: dict) -> dict:
     return {"query_pre_attn_scalar": t["head_dim"]}
 
 
-# The fixtures' DeepSeek rope is the default one; MaxText's deepseek configs say YaRN.
-DEEPSEEK_RUN = ("rope_type=default",)
+# The fixtures' DeepSeek rope is the default one; MaxText's deepseek configs say YaRN. The Linen
+# decode path (which builds KV caches; training mode has none): MaxText's default naive MLA cache
+# is one KVCache sized head_dim for both keys (qk_nope + qk_rope: 24 here) and values (v_head_dim:
+# 12), so it cannot hold these ("q, k depths must match"); its MLA latent cache can.
+DEEPSEEK_RUN = ("rope_type=default", "mla_naive_kvcache=false")
 
 
 FAMILIES: dict[str, Family] = {
@@ -397,6 +406,7 @@ FAMILIES: dict[str, Family] = {
             _deepseek,
             maxtext_source=dequantized_copy,
             run_overrides=DEEPSEEK_RUN,
+            hf_topk_lower_index_first=True,
         ),
         Family("gpt_oss", "tests/fixtures/gpt_oss_bf16", "gpt-oss-20b", _gpt_oss),
         Family(
@@ -660,8 +670,30 @@ def hf_logits(
         folds = family.folds(text_config(load_config(path)))
         if not apply_folds(model, folds):
             raise AssertionError(f"{family.name}: no parameter ends with {[f.suffix for f in folds]}")
-    with torch.no_grad():
+    with torch.no_grad(), _topk_lower_index_first(family.hf_topk_lower_index_first):
         return model(input_ids=torch.tensor(tokens)).logits.float().numpy()
+
+
+@contextlib.contextmanager
+def _topk_lower_index_first(enabled: bool) -> Iterator[None]:
+    """Within the block, torch's Tensor.topk returns tied values lower index first (a stable
+    descending sort), the rule of MaxText's indexer (Family.hf_topk_lower_index_first)."""
+    import torch
+
+    if not enabled:
+        yield
+        return
+    original = torch.Tensor.topk
+
+    def topk(self, k, dim=-1, largest=True, sorted=True):  # noqa: A002 (torch's signature)
+        values, indices = torch.sort(self, dim=dim, descending=largest, stable=True)
+        return torch.return_types.topk((values.narrow(dim, 0, k), indices.narrow(dim, 0, k)))
+
+    torch.Tensor.topk = topk
+    try:
+        yield
+    finally:
+        torch.Tensor.topk = original
 
 
 def logit_stats(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -678,3 +710,51 @@ def logit_stats(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
         "kl_max": float(kl.max()),
         "top1": float((a.argmax(-1) == b.argmax(-1)).mean()),
     }
+
+
+# The results table (README, MaxText peer suite): one column per check, direction and layout.
+TABLE_COLUMNS = (
+    ("to_maxtext", "scan", None, "to_maxtext scan"),
+    ("to_maxtext", "unscan", None, "to_maxtext unscan"),
+    ("logits", "scan", "nnx", "logits NNX scan"),
+    ("logits", "unscan", "nnx", "logits NNX unscan"),
+    ("logits", "scan", "linen", "logits Linen scan"),
+    ("logits", "unscan", "linen", "logits Linen unscan"),
+    ("to_huggingface", None, None, "to_huggingface = fixture"),
+    ("export_vs_to_huggingface", "scan", None, "export = to_hf scan"),
+    ("export_vs_to_huggingface", "unscan", None, "export = to_hf unscan"),
+)
+
+
+def _cell(row: dict) -> str:
+    if row["check"] == "logits":
+        ok = row["top1"] == 1.0 and row["kl_max"] < 1e-4
+        plain = (
+            f"; plain HF {row['plain_max_abs']:.2g}"
+            if row.get("plain_max_abs", row["max_abs"]) != row["max_abs"]
+            else ""
+        )
+        return f"{'ok' if ok else 'FAIL'} top1 {row['top1']:.2f} KL {row['kl_max']:.0e} max {row['max_abs']:.1e}{plain}"
+    if row["check"] == "to_maxtext":
+        return f"= {row['leaves']} leaves" if not row["diffs"] else f"FAIL {len(row['diffs'])} diffs"
+    bad = len(row["diffs"]) + len(row.get("missing", [])) + len(row.get("only_one_side", []))
+    return "= every tensor" if not bad else f"FAIL {bad}"
+
+
+def results_table(rows: list[dict]) -> str:
+    """A Markdown table family x (check, layout, loader) from results.jsonl rows (last row wins;
+    `-` = not run here: skipped, see the suite's skip reasons)."""
+    cells: dict[tuple, str] = {}
+    for row in rows:
+        scan = None if "scan" not in row else ("scan" if row["scan"] else "unscan")
+        cells[(row["family"], row["check"], scan, row.get("loader"))] = _cell(row)
+    lines = ["| family | " + " | ".join(c[3] for c in TABLE_COLUMNS) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
+    for name in sorted(FAMILIES):
+        row = [cells.get((name, check, scan, loader), "-") for check, scan, loader, _ in TABLE_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python tests/maxtext/peer.py WORKDIR/results.jsonl
+    with open(sys.argv[1]) as f:
+        print(results_table([json.loads(line) for line in f if line.strip()]))

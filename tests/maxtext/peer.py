@@ -374,11 +374,14 @@ def topk_weights_normalized(t: dict) -> dict:
     return {"norm_topk_prob": True}
 
 
-# The fixtures' DeepSeek rope is the default one; MaxText's deepseek configs say YaRN. The Linen
-# decode path (which builds KV caches; training mode has none): MaxText's default naive MLA cache
-# is one KVCache sized head_dim for both keys (qk_nope + qk_rope: 24 here) and values (v_head_dim:
-# 12), so it cannot hold these ("q, k depths must match"); its MLA latent cache can.
-DEEPSEEK_RUN = ("rope_type=default", "mla_naive_kvcache=false")
+# DeepSeek's MLA RoPE in MaxText is its YaRN embedding in the interleaved layout (the layout of
+# HF's weights, which to_maxtext copies as they are); the fixtures' rope is the default one, i.e.
+# YaRN with factor 1 (no interpolation, mscale 1). rope_type=default would select MaxText's
+# half-split RotaryEmbedding instead: DeepSeek max |diff| 2.4-3.9e-3 (1.8e-7 with yarn + factor 1).
+# The Linen decode path (which builds KV caches; training mode has none): MaxText's default naive
+# MLA cache is one KVCache sized head_dim for both keys (qk_nope + qk_rope: 24 here) and values
+# (v_head_dim: 12), so it cannot hold these ("q, k depths must match"); its MLA latent cache can.
+DEEPSEEK_RUN = ("rope_type=yarn", "rope_factor=1", "mla_naive_kvcache=false")
 
 
 FAMILIES: dict[str, Family] = {

@@ -2,8 +2,10 @@
 
 - to_maxtext: MaxText's own converter and ckptbeam's CLI on the same fixture must write the same
   leaves (names, shapes, dtypes, bytes).
-- logits: MaxText restores ckptbeam's checkpoint through its normal load path and its model must
-  agree with transformers' model on the same tokens (same top-1, small KL).
+- logits: MaxText restores ckptbeam's checkpoint through its normal load path
+  (`load_parameters_path`), with its default NNX loader and with its Linen decode path
+  (MaxEngine), and its model must agree with transformers' model on the same tokens (same top-1,
+  small KL).
 - to_huggingface: MaxText's exporter on ckptbeam's checkpoint gives back the fixture's tensors
   (the direction `ckptbeam export` will be checked in against the same runner).
 

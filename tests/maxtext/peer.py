@@ -262,6 +262,20 @@ def apply_folds(model: object, folds: tuple[Fold, ...]) -> int:
     return done
 
 
+def same_after_folds(name: str, got: np.ndarray, want: np.ndarray, folds: tuple[Fold, ...]) -> bool:
+    """Whether MaxText's export `got` of the HF tensor `want` is `want` exactly or, for a folded
+    tensor, the checkpoint's bf16 product unfolded (bf16(got * c) == bf16(want * c))."""
+    import ml_dtypes
+
+    got, want = got.astype(np.float32), want.astype(np.float32)
+    for fold in folds:
+        if name.endswith(fold.suffix):
+            got = (got * fold.stored).astype(ml_dtypes.bfloat16)
+            want = (want * fold.stored).astype(ml_dtypes.bfloat16)
+            return got.tobytes() == want.tobytes()
+    return np.array_equal(got, want)
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """One fixture as MaxText sees it: the MaxText model whose config and HF-table entry it

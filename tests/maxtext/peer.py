@@ -264,9 +264,14 @@ def apply_folds(model: object, folds: tuple[Fold, ...]) -> int:
 
 def same_after_folds(name: str, got: np.ndarray, want: np.ndarray, folds: tuple[Fold, ...]) -> bool:
     """Whether MaxText's export `got` of the HF tensor `want` is `want` exactly or, for a folded
-    tensor, the checkpoint's bf16 product unfolded (bf16(got * c) == bf16(want * c))."""
+    tensor, the checkpoint's bf16 product unfolded (bf16(got * c) == bf16(want * c)). A float32
+    source tensor (DeepSeek-V3's e_score_correction_bias) is held in bf16 by both converters
+    (--save_dtype bfloat16), so it comes back as bf16(want)."""
     import ml_dtypes
 
+    if want.dtype == np.float32:
+        want = want.astype(ml_dtypes.bfloat16)
+        got = got.astype(ml_dtypes.bfloat16)
     got, want = got.astype(np.float32), want.astype(np.float32)
     for fold in folds:
         if name.endswith(fold.suffix):

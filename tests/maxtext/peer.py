@@ -12,6 +12,7 @@ built-in HF config table entry (replaced by the fixture's config in `peer_main.p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,7 +20,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +208,80 @@ def _mixtral(t: dict) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
+class Fold:
+    """A constant MaxText's to_maxtext multiplies into a weight, the product rounded to the
+    checkpoint's bf16, where transformers applies the constant at run time instead (MaxText's query
+    kernel is stored times head_dim ** -0.5, Gemma's embedding times sqrt(hidden_size)). Unless the
+    constant is a power of two, the bf16 checkpoint holds a slightly different weight than the HF
+    one (relative error up to 2 ** -9), so the reference model is given that same weight:
+    `w <- bf16(w * stored) / applied`. Found diagnosing the Mixtral and Gemma4 logit gaps: with
+    the fold their max |diff| drops from 0.13 / 0.02 to ~1e-5 (README, MaxText peer suite)."""
+
+    suffix: str  # the transformers parameter name ends with this
+    stored: np.generic  # the constant as MaxText's hook types it (float32; bfloat16 for Gemma3)
+    applied: float  # the constant transformers' model applies at run time
+
+
+def query_fold(t: dict) -> tuple[Fold, ...]:
+    """MaxText's llama / mixtral / gemma2 hooks (scale_query_layer): q kernel * float32(1/sqrt(head_dim))."""
+    head_dim = int(t.get("head_dim") or int(t["hidden_size"]) // int(t["num_attention_heads"]))
+    return (Fold("self_attn.q_proj.weight", np.float32(1 / np.sqrt(head_dim)), head_dim**-0.5),)
+
+
+def embedding_fold(t: dict) -> tuple[Fold, ...]:
+    """MaxText's gemma2 / gemma4 hooks: embedding * float32(sqrt(hidden_size))."""
+    return (Fold("embed_tokens.weight", np.float32(t["hidden_size"] ** 0.5), t["hidden_size"] ** 0.5),)
+
+
+def gemma2_folds(t: dict) -> tuple[Fold, ...]:
+    return query_fold(t) + embedding_fold(t)
+
+
+def gemma3_folds(t: dict) -> tuple[Fold, ...]:
+    """MaxText's gemma3 hook: embedding * bfloat16(sqrt(hidden_size)) (the constant itself in bf16)."""
+    import ml_dtypes
+
+    return (Fold("embed_tokens.weight", ml_dtypes.bfloat16(t["hidden_size"] ** 0.5), t["hidden_size"] ** 0.5),)
+
+
+def apply_folds(model: object, folds: tuple[Fold, ...]) -> int:
+    """Give a transformers model the weights MaxText's bf16 checkpoint holds (Fold); returns how
+    many parameters changed (tied ones once)."""
+    import ml_dtypes
+    import torch
+
+    done = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # type: ignore[attr-defined]
+            for fold in folds:
+                if name.endswith(fold.suffix):
+                    w = param.detach().float().numpy()
+                    stored = (w * fold.stored).astype(ml_dtypes.bfloat16).astype(np.float32)
+                    param.copy_(torch.from_numpy(stored / np.float32(fold.applied)))
+                    done += 1
+    return done
+
+
+def same_after_folds(name: str, got: np.ndarray, want: np.ndarray, folds: tuple[Fold, ...]) -> bool:
+    """Whether MaxText's export `got` of the HF tensor `want` is `want` exactly or, for a folded
+    tensor, the checkpoint's bf16 product unfolded (bf16(got * c) == bf16(want * c)). A float32
+    source tensor (DeepSeek-V3's e_score_correction_bias) is held in bf16 by both converters
+    (--save_dtype bfloat16), so it comes back as bf16(want)."""
+    import ml_dtypes
+
+    if want.dtype == np.float32:
+        want = want.astype(ml_dtypes.bfloat16)
+        got = got.astype(ml_dtypes.bfloat16)
+    got, want = got.astype(np.float32), want.astype(np.float32)
+    for fold in folds:
+        if name.endswith(fold.suffix):
+            got = (got * fold.stored).astype(ml_dtypes.bfloat16)
+            want = (want * fold.stored).astype(ml_dtypes.bfloat16)
+            return got.tobytes() == want.tobytes()
+    return np.array_equal(got, want)
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
     """One fixture as MaxText sees it: the MaxText model whose config and HF-table entry it
     stands in for, and how to derive MaxText's dims from its config.json."""
@@ -215,6 +290,11 @@ class Family:
     fixture: str  # a directory under ROOT
     model_name: str
     dims: Callable[[dict], dict]
+    # The reference's top-k breaks exact ties by lower index, as MaxText's DeepSeek-V3.2 indexer
+    # does (indexer_mask_exact_topk, its default: "keeping only the first k ... along sequence");
+    # torch.topk leaves the order of ties unspecified. The tiny fixture's relu'd indexer scores
+    # tie at exactly 0 at the cut-off (layer 0, position 10), where the two picks differ.
+    hf_topk_lower_index_first: bool = False
     # A source for MaxText that differs from ckptbeam's (MaxText needs pre-dequantized input).
     maxtext_source: Callable[[str, str], str] | None = None
     # Extra MaxText settings for running the model (not needed to convert).
@@ -223,6 +303,11 @@ class Family:
     # cannot express (each one says why).
     hf_config_overrides: Callable[[dict], dict] | None = None
     hf_class: str = "AutoModelForCausalLM"
+    # Entries MaxText's own HF config table has for this model that the fixture's config.json
+    # (as transformers saves it) omits, and MaxText's exporter reads from that table.
+    hf_table_entries: tuple[tuple[str, object], ...] = ()
+    # Constants MaxText's checkpoint format multiplies into a bf16 weight (see Fold).
+    folds: Callable[[dict], tuple[Fold, ...]] | None = None
 
     @property
     def path(self) -> str:
@@ -299,19 +384,48 @@ def gemma_query_scale_is_head_dim(t: dict) -> dict:
     return {"query_pre_attn_scalar": t["head_dim"]}
 
 
-# The fixtures' DeepSeek rope is the default one; MaxText's deepseek configs say YaRN.
-DEEPSEEK_RUN = ("rope_type=default",)
+def topk_weights_normalized(t: dict) -> dict:
+    """MaxText's MoE router (mixtral / qwen3 path, moe.py get_topk) takes the softmax over the
+    top-k logits, i.e. the top-k weights always sum to 1 (its norm_topk_prob only renormalizes
+    again); HF Qwen3-MoE with norm_topk_prob=false keeps the full softmax's top-k probabilities.
+    Real Qwen3-MoE checkpoints say true; the tiny fixture says false, which MaxText cannot express
+    (max |diff| 1.3e-2 against it; 3.6e-7 with true)."""
+    return {"norm_topk_prob": True}
+
+
+# DeepSeek's MLA RoPE in MaxText is its YaRN embedding in the interleaved layout (the layout of
+# HF's weights, which to_maxtext copies as they are); the fixtures' rope is the default one, i.e.
+# YaRN with factor 1 (no interpolation, mscale 1). rope_type=default would select MaxText's
+# half-split RotaryEmbedding instead: DeepSeek max |diff| 2.4-3.9e-3 (1.8e-7 with yarn + factor 1).
+# The Linen decode path (which builds KV caches; training mode has none): MaxText's default naive
+# MLA cache is one KVCache sized head_dim for both keys (qk_nope + qk_rope: 24 here) and values
+# (v_head_dim: 12), so it cannot hold these ("q, k depths must match"); its MLA latent cache can.
+DEEPSEEK_RUN = ("rope_type=yarn", "rope_factor=1", "mla_naive_kvcache=false")
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in [
-        Family("llama", "tests/fixtures/llama_bf16", "llama3.1-8b", _llama),
-        Family("mistral", "tests/fixtures/mistral_bf16", "mistral-7b", _llama),
-        Family("qwen2", "tests/fixtures/qwen2_bf16_tied", "qwen2.5-7b", _llama),
+        Family("llama", "tests/fixtures/llama_bf16", "llama3.1-8b", _llama, folds=query_fold),
+        Family("mistral", "tests/fixtures/mistral_bf16", "mistral-7b", _llama, folds=query_fold),
+        # transformers' Qwen2Config has no attention_bias (Qwen2 always has q/k/v biases); MaxText's
+        # table sets it and its qwen2 export reads the biases only when it is true.
+        Family(
+            "qwen2",
+            "tests/fixtures/qwen2_bf16_tied",
+            "qwen2.5-7b",
+            _llama,
+            hf_table_entries=(("attention_bias", True),),
+        ),
         Family("qwen3", "tests/fixtures/qwen3_bf16_tied", "qwen3-0.6b", _llama),
-        Family("qwen3_moe", "tests/fixtures/qwen3_moe_bf16", "qwen3-30b-a3b", _mixtral),
-        Family("mixtral", "tests/golden/mixtral", "mixtral-8x7b", _mixtral),
+        Family(
+            "qwen3_moe",
+            "tests/fixtures/qwen3_moe_bf16",
+            "qwen3-30b-a3b",
+            _mixtral,
+            hf_config_overrides=topk_weights_normalized,
+        ),
+        Family("mixtral", "tests/golden/mixtral", "mixtral-8x7b", _mixtral, folds=query_fold),
         Family("deepseek2", "tests/fixtures/deepseek2_bf16", "deepseek2-16b", _deepseek, run_overrides=DEEPSEEK_RUN),
         Family("deepseek3", "tests/fixtures/deepseek3_bf16", "deepseek3-671b", _deepseek, run_overrides=DEEPSEEK_RUN),
         Family(
@@ -329,6 +443,7 @@ FAMILIES: dict[str, Family] = {
             _deepseek,
             maxtext_source=dequantized_copy,
             run_overrides=DEEPSEEK_RUN,
+            hf_topk_lower_index_first=True,
         ),
         Family("gpt_oss", "tests/fixtures/gpt_oss_bf16", "gpt-oss-20b", _gpt_oss),
         Family(
@@ -340,6 +455,7 @@ FAMILIES: dict[str, Family] = {
             "gemma2-2b",
             _gemma2,
             hf_config_overrides=gemma_query_scale_is_head_dim,
+            folds=gemma2_folds,
         ),
         Family(
             "gemma3",
@@ -348,13 +464,24 @@ FAMILIES: dict[str, Family] = {
             _gemma3,
             maxtext_source=GEMMA3_KEYS,
             hf_config_overrides=gemma_query_scale_is_head_dim,
+            folds=gemma3_folds,
         ),
         Family(
-            "gemma4_dense", "tests/fixtures/gemma4_dense_bf16", "gemma4-31b", _gemma4, maxtext_source=GEMMA4_TEXT_KEYS
+            "gemma4_dense",
+            "tests/fixtures/gemma4_dense_bf16",
+            "gemma4-31b",
+            _gemma4,
+            maxtext_source=GEMMA4_TEXT_KEYS,
+            folds=embedding_fold,
         ),
-        Family("gemma4_moe", "tests/fixtures/gemma4_moe_bf16", "gemma4-26b", _gemma4),
+        Family("gemma4_moe", "tests/fixtures/gemma4_moe_bf16", "gemma4-26b", _gemma4, folds=embedding_fold),
         Family(
-            "gemma4_small", "tests/fixtures/gemma4_small_bf16", "gemma4-e2b", _gemma4, maxtext_source=GEMMA4_TEXT_KEYS
+            "gemma4_small",
+            "tests/fixtures/gemma4_small_bf16",
+            "gemma4-e2b",
+            _gemma4,
+            maxtext_source=GEMMA4_TEXT_KEYS,
+            folds=embedding_fold,
         ),
         Family("olmo3", "tests/fixtures/olmo3_bf16", "olmo3-7b", _olmo3),
         Family("qwen3_next", "tests/fixtures/qwen3_next_bf16", "qwen3-next-80b-a3b", _qwen3_next),
@@ -448,12 +575,12 @@ def run_to_huggingface(family: Family, items: str, out: str, scan_layers: bool, 
     fixture's config) and it copies a tokenizer from `--hf_model_path`, so a directory with the
     fixture's config.json and a tiny tokenizer is passed there."""
     hf_dir = os.path.join(workdir, f"{family.name}-tokenizer")
-    if not os.path.isdir(hf_dir):
-        os.makedirs(hf_dir)
-        config = load_config(family.path)
-        with open(os.path.join(hf_dir, "config.json"), "w") as f:
-            json.dump(config, f)
+    config = load_config(family.path) | dict(family.hf_table_entries)
+    if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+        os.makedirs(hf_dir, exist_ok=True)
         write_tiny_tokenizer(hf_dir, int(text_config(config)["vocab_size"]))
+    with open(os.path.join(hf_dir, "config.json"), "w") as f:
+        json.dump(config, f)
     args = [
         *_common_args(family, scan_layers),
         f"load_parameters_path={items}",
@@ -530,12 +657,15 @@ def compare_leaves(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -
 TOKENS = np.array([[2, 17, 101, 5, 233, 64, 9, 150, 42, 7, 199, 3]], dtype=np.int64)
 
 
+LOADERS = ("nnx", "linen")  # MaxText's default NNX loader (from_pretrained), its Linen decode path (MaxEngine)
+
+
 def maxtext_logits(
-    family: Family, items: str, scan_layers: bool, workdir: str, tokens: np.ndarray = TOKENS
+    family: Family, items: str, scan_layers: bool, workdir: str, loader: str = "nnx", tokens: np.ndarray = TOKENS
 ) -> np.ndarray:
     """MaxText's model (float32 compute and weights) over `tokens`, params restored from `items`
-    through its normal load path (`load_parameters_path`)."""
-    tag = os.path.basename(os.path.dirname(os.path.dirname(items)))
+    through its normal load path (`load_parameters_path`) by `loader` (one of LOADERS)."""
+    tag = os.path.basename(os.path.dirname(os.path.dirname(items))) + f"-{loader}"
     tokens_path, out_path = os.path.join(workdir, f"{tag}-tokens.npy"), os.path.join(workdir, f"{tag}-logits.npy")
     np.save(tokens_path, tokens)
     args = [
@@ -543,7 +673,8 @@ def maxtext_logits(
         f"load_parameters_path={items}",
         f"base_output_directory={os.path.join(workdir, tag + '-run')}",
         "per_device_batch_size=1",
-        f"max_target_length={tokens.shape[1]}",
+        # The decode path's KV cache needs room past the prompt (MaxText checks target > prefill).
+        f"max_target_length={tokens.shape[1] + (4 if loader == 'linen' else 0)}",
         f"max_prefill_predict_length={tokens.shape[1]}",
         "dtype=float32",
         "weight_dtype=float32",
@@ -551,13 +682,16 @@ def maxtext_logits(
         "async_checkpointing=false",
         *family.run_overrides,
     ]
-    cmd = [PEER_PYTHON, os.path.join(HERE, "peer_main.py"), "logits", tokens_path, out_path, *args]
+    cmd = [PEER_PYTHON, os.path.join(HERE, "peer_main.py"), "logits", loader, tokens_path, out_path, *args]
     _run(cmd, out_path + ".log", env=_peer_env(), cwd=workdir)
     return np.load(out_path)
 
 
-def hf_logits(family: Family, tokens: np.ndarray = TOKENS, hf_dir: str | None = None) -> np.ndarray:
-    """transformers' model (float32) over `tokens`, in the project's interpreter (needs torch)."""
+def hf_logits(
+    family: Family, tokens: np.ndarray = TOKENS, hf_dir: str | None = None, folded: bool = False
+) -> np.ndarray:
+    """transformers' model (float32) over `tokens`, in the project's interpreter (needs torch);
+    `folded`: with the weights MaxText's bf16 checkpoint holds (the family's Folds)."""
     import torch
     import transformers
 
@@ -569,8 +703,34 @@ def hf_logits(family: Family, tokens: np.ndarray = TOKENS, hf_dir: str | None = 
             setattr(target, key, value)
     cls = getattr(transformers, family.hf_class)
     model = cls.from_pretrained(path, config=config, dtype=torch.float32).eval()
-    with torch.no_grad():
+    if folded and family.folds is not None:
+        folds = family.folds(text_config(load_config(path)))
+        if not apply_folds(model, folds):
+            raise AssertionError(f"{family.name}: no parameter ends with {[f.suffix for f in folds]}")
+    with torch.no_grad(), _topk_lower_index_first(family.hf_topk_lower_index_first):
         return model(input_ids=torch.tensor(tokens)).logits.float().numpy()
+
+
+@contextlib.contextmanager
+def _topk_lower_index_first(enabled: bool) -> Iterator[None]:
+    """Within the block, torch's Tensor.topk returns tied values lower index first (a stable
+    descending sort), the rule of MaxText's indexer (Family.hf_topk_lower_index_first)."""
+    import torch
+
+    if not enabled:
+        yield
+        return
+    original = torch.Tensor.topk
+
+    def topk(self, k, dim=-1, largest=True, sorted=True):  # noqa: A002 (torch's signature)
+        values, indices = torch.sort(self, dim=dim, descending=largest, stable=True)
+        return torch.return_types.topk((values.narrow(dim, 0, k), indices.narrow(dim, 0, k)))
+
+    torch.Tensor.topk = topk
+    try:
+        yield
+    finally:
+        torch.Tensor.topk = original
 
 
 def logit_stats(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -587,3 +747,49 @@ def logit_stats(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
         "kl_max": float(kl.max()),
         "top1": float((a.argmax(-1) == b.argmax(-1)).mean()),
     }
+
+
+# The results table (README, MaxText peer suite): one column per check, direction and layout.
+TABLE_COLUMNS = (
+    ("to_maxtext", "scan", None, "to_maxtext scan"),
+    ("to_maxtext", "unscan", None, "to_maxtext unscan"),
+    ("logits", "scan", "nnx", "logits NNX scan"),
+    ("logits", "unscan", "nnx", "logits NNX unscan"),
+    ("logits", "scan", "linen", "logits Linen scan"),
+    ("logits", "unscan", "linen", "logits Linen unscan"),
+    ("to_huggingface", None, None, "to_huggingface = fixture"),
+    ("export_vs_to_huggingface", "scan", None, "export = to_hf scan"),
+    ("export_vs_to_huggingface", "unscan", None, "export = to_hf unscan"),
+)
+
+
+def _cell(row: dict) -> str:
+    if row["check"] == "logits":
+        ok = "ok" if row["top1"] == 1.0 and row["kl_max"] < 1e-4 else f"FAIL top1 {row['top1']:.2f}"
+        plain = row.get("plain_max_abs", row["max_abs"])
+        plain = f" (plain HF {plain:.2g})" if plain != row["max_abs"] else ""
+        return f"{ok} {row['max_abs']:.1e}{plain}"
+    if row["check"] == "to_maxtext":
+        return f"= {row['leaves']} leaves" if not row["diffs"] else f"FAIL {len(row['diffs'])} diffs"
+    bad = len(row["diffs"]) + len(row.get("only_one_side", []))
+    cell = "=" if not bad else f"FAIL {bad}"
+    return cell + (f" ({len(row['missing'])} not exported)" if row.get("missing") else "")
+
+
+def results_table(rows: list[dict]) -> str:
+    """A Markdown table family x (check, layout, loader) from results.jsonl rows (last row wins;
+    `-` = not run here: skipped, see the suite's skip reasons)."""
+    cells: dict[tuple, str] = {}
+    for row in rows:
+        scan = None if "scan" not in row else ("scan" if row["scan"] else "unscan")
+        cells[(row["family"], row["check"], scan, row.get("loader"))] = _cell(row)
+    lines = ["| family | " + " | ".join(c[3] for c in TABLE_COLUMNS) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
+    for name in sorted(FAMILIES):
+        row = [cells.get((name, check, scan, loader), "-") for check, scan, loader, _ in TABLE_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python tests/maxtext/peer.py WORKDIR/results.jsonl
+    with open(sys.argv[1]) as f:
+        print(results_table([json.loads(line) for line in f if line.strip()]))

@@ -13,8 +13,8 @@ The mirror of tests/reference.py: written from MaxText's semantics (commit e591f
 3. the inverse hooks (`utils/param_mapping.py`, `HOOK_FNS[model](..., saving_to_hf=True)`), in the
    dtype MaxText computes them: JAX promotes `array * np.float32(c)` to float32 (a NumPy scalar is
    strongly typed), keeps `bf16_array / np.bfloat16(c)` in bfloat16 (evaluated in f32, rounded
-   once), keeps `x - 1.0` (weak Python float) in the input dtype, and divides by a constant as XLA
-   does: times the f32 reciprocal (visible only in float32 exports);
+   once), keeps `x - 1.0` (weak Python float) in the input dtype, and divides by a constant with a
+   true float32 division (see `divide_f32`: older JAX builds differed by 1 ulp in float32 exports);
 4. the final cast (`utils/utils.py::convert_jax_weight_to_numpy`): every tensor to `weight_dtype`.
 
 The result is HF key -> array with the names and shapes MaxText writes (which are the names
@@ -111,25 +111,19 @@ def scale_f32(x: np.ndarray, factor: float) -> np.ndarray:
 
 
 def divide_f32(x: np.ndarray, divisor: float) -> np.ndarray:
-    """gemma2/gemma4 pad_hf_embedding_layer: `(x / np.float32(d)).astype(x.dtype)`, computed in f32.
-
-    XLA (jit/eager on CPU) rewrites a division by a constant into a multiplication by its f32
-    reciprocal, so the value is `x * f32(1 / f32(d))`, not `x / f32(d)`: the two differ by 1 ulp in
-    ~30-40 % of float32 results (measured against MaxText's float32 export of gemma3/gemma4); after a
-    bfloat16 rounding they agree for every bf16 input (checked exhaustively for sqrt(32), sqrt(2304),
-    bf16(sqrt(48)), bf16(sqrt(62)))."""
-    return (x.astype(F32) * _reciprocal(np.float32(divisor))).astype(x.dtype)
+    """gemma2/gemma4 pad_hf_embedding_layer: `(x / np.float32(d)).astype(x.dtype)`, a true division
+    computed in f32 and rounded once. That is what MaxText's float32 export gives with the JAX of the
+    peer build (0.12.1); an older JAX compiled it as `x * f32(1 / f32(d))` (1 ulp away in ~30-40 % of
+    float32 results; after a bfloat16 rounding the two agree for every bf16 input, checked
+    exhaustively for sqrt(32), sqrt(2304), bf16(sqrt(48)), bf16(sqrt(62)))."""
+    return (x.astype(F32) / np.float32(divisor)).astype(x.dtype)
 
 
 def divide_bf16(x: np.ndarray, divisor: float) -> np.ndarray:
     """gemma3 pad_and_scale_embedding: `x / np.bfloat16(d)` stays in x's dtype (bf16 / bf16 scalar
     -> bf16, evaluated in f32 and rounded once; f32 / bf16 scalar -> f32), with the normaliser a
-    bfloat16 and the division done as XLA does it (see divide_f32)."""
-    return (x.astype(F32) * _reciprocal(np.float32(BF16.type(divisor)))).astype(x.dtype)
-
-
-def _reciprocal(c: np.float32) -> np.float32:
-    return np.float32(1.0) / c
+    bfloat16 and a true division (see divide_f32)."""
+    return (x.astype(F32) / np.float32(BF16.type(divisor))).astype(x.dtype)
 
 
 def minus_one(x: np.ndarray) -> np.ndarray:

@@ -90,8 +90,8 @@ def test_fixture_round_trips_through_export(fixture, scan, tmp_path):
 
 @pytest.mark.parametrize("fixture", ["llama_bf16", "gemma2_bf16", "gemma2_f32", "gemma3_mm_bf16", "gemma4_moe_bf16"])
 def test_float32_export_matches_maxtext(fixture, tmp_path):
-    """--weight_dtype float32: leaves upcast on reading, hooks in float32 (Gemma divisions as XLA
-    computes them: times the float32 reciprocal), as MaxText's to_huggingface weight_dtype=float32."""
+    """--weight_dtype float32: leaves upcast on reading, hooks in float32 (Gemma divisions true
+    float32 divisions), as MaxText's to_huggingface weight_dtype=float32."""
     source = os.path.join(FIXTURES, fixture)
     ckpt, hf = str(tmp_path / "ckpt"), str(tmp_path / "hf")
     save = ["--save_dtype=float32"] if fixture.endswith("f32") else []

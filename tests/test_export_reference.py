@@ -137,12 +137,12 @@ def forward_then_inverse(x: np.ndarray, kind: str, factor: float, save: np.dtype
         return (stored.astype(export).astype(F32) * np.float32(factor)).astype(export)
     if kind == "embedding_f32":
         stored = (s * np.float32(factor)).astype(save)
-        # to_huggingface divides; XLA does it as a multiplication by the f32 reciprocal
-        return (stored.astype(export).astype(F32) * (np.float32(1) / np.float32(factor))).astype(export)
+        # to_huggingface divides, in float32
+        return (stored.astype(export).astype(F32) / np.float32(factor)).astype(export)
     if kind == "embedding_bf16":  # gemma3: the normaliser is bfloat16
         n = np.float32(BF16.type(factor))
         stored = (s * n).astype(save)
-        return (stored.astype(export).astype(F32) * (np.float32(1) / n)).astype(export)
+        return (stored.astype(export).astype(F32) / n).astype(export)
     stored = s + np.float32(1.0)  # norm: float32 leaf
     return (stored.astype(export).astype(F32) - np.float32(1.0)).astype(export)
 

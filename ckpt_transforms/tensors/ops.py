@@ -244,10 +244,11 @@ def _scaled_in_float32(x: np.ndarray, factor: np.float32, divide: bool = False) 
     """`x * factor` (or `x / factor`) computed in float32, rounded once back to x's dtype; one
     float32 temporary, scaled in place (a slab-sized allocation less than `x.astype(...) * f`)."""
     y = x.astype(np.float32)
-    # A division by a constant is what MaxText's export hooks write, and XLA compiles it into a
-    # multiplication by the float32 reciprocal: 1 ulp away from a true division in 27-40% of
-    # float32 Gemma embedding values (after rounding to bf16 the two always agree).
-    np.multiply(y, np.float32(1) / factor if divide else factor, out=y)
+    # A true float32 division, as MaxText's export hooks write it and as its exporter computes it
+    # with the JAX of the peer build (0.12). An older JAX compiled it into a multiplication by the
+    # float32 reciprocal, 1 ulp away in 27-40% of float32 Gemma embedding values; after rounding
+    # to bf16 (the usual export dtype) the two always agree.
+    (np.divide if divide else np.multiply)(y, factor, out=y)
     return y.astype(x.dtype, copy=False)
 
 

@@ -134,6 +134,7 @@ def version_line() -> str:
 COMMANDS = {"convert": _convert, "export": _export, "inspect": _inspect, "plan": _plan, "demo": _demo}
 DEBUG_FLAG = "--debug"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a writer whose reader went away
 # Loggers of libraries whose warnings are noise to a user of the CLI ("Discarding unparseable
 # args", worker start-up chatter, and a second copy of every failure with its traceback); the
 # failure itself is reported once, as one line. --debug shows them all.
@@ -214,6 +215,9 @@ def run_command(command: str, args: list[str], debug: bool) -> int:
                 failure = e
     finally:
         configure_logging(debug)  # the handlers of the hidden stream are gone with it
+    if isinstance(failure, BrokenPipeError):  # `ckptbeam inspect OUT | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_BROKEN_PIPE
     sys.stdout.flush()
     if _TERMINATED:  # Beam may have wrapped the SystemExit of _exit_on_sigterm in its own error
         cleaned = "; ".join(getattr(failure, "__notes__", ())) or "stopped before anything was written"

@@ -374,3 +374,17 @@ def test_inspect_a_relative_path(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert cli.main(["inspect", os.path.join("rel", "ckpt")]) == 0
     assert "params.params.decoder.layers.mlp.wi_0.kernel" in capsys.readouterr().out
+
+
+def test_a_reader_that_stops_early_is_no_error(tmp_path):
+    """`ckptbeam inspect OUT | head -1`: the pipe's reader is gone before the listing is written;
+    the listing just stops (exit 141, as a shell reports SIGPIPE), with no error line."""
+    out = str(tmp_path / "out")
+    assert ckptbeam("convert", "--source", LLAMA, "--output", out).returncode == 0
+    proc = subprocess.Popen(
+        [*_entry_point(), "inspect", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env()
+    )
+    proc.stdout.close()  # the reader goes away before anything is written
+    stderr = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == cli.EXIT_BROKEN_PIPE, stderr
+    assert "error" not in stderr.lower(), stderr

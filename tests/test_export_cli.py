@@ -7,7 +7,7 @@ import os
 import shutil
 
 import pytest
-from conftest import FIXTURES, assert_bitwise_equal, convert
+from conftest import FIXTURES, assert_bitwise_equal, convert, tree_hashes
 from export_reference import expected_hf_tensors
 from helpers_safetensors import read_tensors
 
@@ -29,16 +29,6 @@ def _export(ckpt: str, out: str, *args: str) -> dict:
     return run(["--source", ckpt, "--output", out, *args])
 
 
-def _snapshot(directory: str) -> dict[str, bytes]:
-    files = {}
-    for root, _, names in os.walk(directory):
-        for n in names:
-            path = os.path.join(root, n)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, directory)] = f.read()
-    return files
-
-
 def _no_staging_left(out: str) -> bool:
     parent, name = os.path.split(out)
     return not [e for e in os.listdir(parent) if e.startswith(name + ".ckptbeam-")]
@@ -48,16 +38,16 @@ def test_export_accepts_base_step_and_items_paths(ckpt, tmp_path):
     for i, source in enumerate([ckpt, os.path.join(ckpt, "0"), os.path.join(ckpt, "0", "items")]):
         summary = _export(source, str(tmp_path / f"hf{i}"))
         assert summary["hf_tensors"] == 30
-    first = _snapshot(str(tmp_path / "hf0"))
-    assert _snapshot(str(tmp_path / "hf2"))["model.safetensors"] == first["model.safetensors"]
+    first = tree_hashes(str(tmp_path / "hf0"))
+    assert tree_hashes(str(tmp_path / "hf2"))["model.safetensors"] == first["model.safetensors"]
 
 
 def test_rerun_is_up_to_date_and_changed_options_replace(ckpt, tmp_path):
     out = str(tmp_path / "hf")
     _export(ckpt, out)
-    before = _snapshot(out)
+    before = tree_hashes(out)
     assert _export(ckpt, out).get("up_to_date") is True
-    assert _snapshot(out) == before
+    assert tree_hashes(out) == before
     summary = _export(ckpt, out, "--weight_dtype=float32")
     assert summary.get("up_to_date") is None and summary["weight_dtype"] == "float32"
     written = read_tensors(os.path.join(out, "model.safetensors"))
@@ -250,5 +240,5 @@ def test_pathways_and_mixed_layouts_export_like_ocdbt_zarr3(use_ocdbt, use_zarr3
     )
     _export(str(tmp_path / "default"), str(tmp_path / "hf_default"), "--max_item_bytes=16KiB")
     _export(str(tmp_path / "other"), str(tmp_path / "hf_other"), "--max_item_bytes=16KiB")
-    a = _snapshot(str(tmp_path / "hf_default"))["model.safetensors"]
-    assert _snapshot(str(tmp_path / "hf_other"))["model.safetensors"] == a
+    a = tree_hashes(str(tmp_path / "hf_default"))["model.safetensors"]
+    assert tree_hashes(str(tmp_path / "hf_other"))["model.safetensors"] == a
